@@ -1,0 +1,1 @@
+"""sharedquant.adapters: the stateful edges (modules, buffers, hooks, files, the command line)."""

@@ -1,0 +1,236 @@
+"""The shared-state lifecycle as pure functions over buffer dicts (FQN -> tensor).
+
+Like an optax transformation, each step takes state (and buffers) and returns new
+state; nothing passed in is written, neither values nor storage.
+
+* ``finalize``: each group's ``global_amax`` = max over its members' ``_amax``, fp32;
+* ``sync``: every group through ONE all-reduce (MAX) call supplied by the caller;
+* ``restore``: rebuild the state from members' loaded ``_global_amax``, refusing groups
+  whose members disagree;
+* ``member_entries``: the inverse of tying, the per-member entries a state dict holds.
+
+All groups are handled together: a handful of kernels, not a few per group. Checks
+that need tensor values (finiteness, agreement) run eagerly and are skipped under
+``torch.compile`` / ``torch.func``, where non-finite values propagate instead.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .groups import Group
+from .reduce import is_traced, reduce_amax_many, round_up_to_fp32
+from .state import UNSET, SharedAmax
+
+__all__ = ["buffer_key", "finalize", "member_entries", "restore", "sync"]
+
+AMAX = "_amax"
+GLOBAL_AMAX = "_global_amax"
+
+
+def buffer_key(fqn: str, quantizer: str, attr: str) -> str:
+    """State-dict key of ``attr`` on the ``quantizer`` of module ``fqn`` (``""`` is the root)."""
+    return f"{fqn}.{quantizer}.{attr}" if fqn else f"{quantizer}.{attr}"
+
+
+def _describe(group: Group) -> str:
+    return f"group {group.parent or '<root>'!r} {group.key!r}"
+
+
+def _check_groups(fn: str, groups) -> tuple[Group, ...]:
+    groups = tuple(groups)
+    owner: dict[str, Group] = {}
+    for group in groups:
+        if not isinstance(group, Group):
+            raise TypeError(f"{fn}: expected Group values, got {type(group).__name__}")
+        for member in group.members:
+            other = owner.setdefault(member, group)
+            if other is not group:
+                raise ValueError(
+                    f"{fn}: {member!r} is claimed by {_describe(other)} and by {_describe(group)}; "
+                    "a fused tensor cannot have two scales (the pattern sets overlap)"
+                )
+    return groups
+
+
+def _gather(fn: str, groups: tuple[Group, ...], buffers: Mapping[str, torch.Tensor], quantizer: str, attr: str):
+    """Present, materialised member buffers with their group and member indices."""
+    tensors, group_ids, names = [], [], []
+    for position, group in enumerate(groups):
+        for member in group.members:
+            key = buffer_key(member, quantizer, attr)
+            tensor = buffers.get(key)
+            if tensor is None or tensor.is_meta:
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{fn}: {key!r} must be a tensor, got {type(tensor).__name__}")
+            if tensor.numel() == 0:
+                raise ValueError(f"{fn}: {key!r} is empty")
+            tensors.append(tensor)
+            group_ids.append(position)
+            names.append(key)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    tensors = [t if t.device == device else t.to(device) for t in tensors]
+    return tensors, torch.tensor(group_ids, dtype=torch.int64, device=device), names, device
+
+
+def _raise_non_finite(fn: str, tensors, names) -> None:
+    for tensor, name in zip(tensors, names):
+        value = reduce_amax_many([tensor], torch.zeros(1, dtype=torch.int64, device=tensor.device), 1)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{fn}: {name!r} is not finite ({value.item()}); refusing to let it set the group's scale")
+
+
+def finalize(
+    groups: Sequence[Group],
+    buffers: Mapping[str, torch.Tensor],
+    *,
+    quantizer: str = "weight_quantizer",
+) -> SharedAmax:
+    """Each group's ``global_amax``: the max over its members' ``_amax``, as fp32.
+
+    Narrowing rounds up, so the result is never below any member's own amax. Members
+    whose ``_amax`` is missing, ``None`` or on the meta device are skipped; a group
+    with none stays unset (``-inf``).
+
+    Args:
+        groups: the groups (from ``find_groups``).
+        buffers: FQN -> tensor; reads ``<member>.<quantizer>._amax``.
+        quantizer: the quantizer attribute the groups apply to.
+
+    Returns:
+        A new ``SharedAmax``.
+
+    Raises:
+        ValueError: a name is claimed by two groups, a member amax is empty, or (eagerly)
+            a member amax is NaN or infinite; the message names the member.
+    """
+    groups = _check_groups("finalize", groups)
+    tensors, group_ids, names, device = _gather("finalize", groups, buffers, quantizer, AMAX)
+    values = round_up_to_fp32(reduce_amax_many(tensors, group_ids, len(groups)).to(device))
+    if tensors and not is_traced(values) and (torch.isnan(values) | torch.isposinf(values)).any():
+        _raise_non_finite("finalize", tensors, names)
+    return SharedAmax(groups=groups, global_amax=values)
+
+
+def _fingerprint(state: SharedAmax) -> list[float]:
+    """Six floats (exact in fp32) that a MAX all-reduce leaves unchanged iff every rank has the same groups."""
+    digest = zlib.crc32(repr(state.keys).encode())
+    high, low, count = float(digest >> 16), float(digest & 0xFFFF), float(len(state.groups))
+    return [high, -high, low, -low, count, -count]
+
+
+def sync(state: SharedAmax, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> SharedAmax:
+    """Every group's value through ONE call of ``all_reduce`` (a MAX across ranks).
+
+    The values are packed with a fingerprint of the group keys, so ranks that hold
+    different groups are detected instead of silently mixing scales.
+
+    Args:
+        state: the local state; unset groups (``-inf``) take part without changing the max.
+        all_reduce: a function from a 1-D fp32 tensor to its elementwise MAX over the
+            ranks, returning a new tensor (e.g. a functional collective).
+
+    Returns:
+        A new state with the reduced values; the input state is untouched.
+
+    Raises:
+        RuntimeError: (eagerly) the ranks disagree on the groups.
+    """
+    values = state.global_amax
+    fingerprint = _fingerprint(state)
+    packed = torch.cat([values, torch.tensor(fingerprint, dtype=values.dtype, device=values.device)])
+    reduced = all_reduce(packed)
+    if not is_traced(reduced):
+        if reduced.shape != packed.shape:
+            raise RuntimeError(f"sync: all_reduce returned shape {tuple(reduced.shape)}, expected {tuple(packed.shape)}")
+        if reduced[-6:].tolist() != fingerprint:
+            raise RuntimeError(
+                "sync: ranks hold different shared-quant groups (their keys or counts differ); "
+                "every rank must attach the same patterns to the same module tree"
+            )
+    return state.replace(global_amax=reduced[: values.numel()])
+
+
+def restore(
+    groups: Sequence[Group],
+    buffers: Mapping[str, torch.Tensor],
+    *,
+    quantizer: str = "weight_quantizer",
+) -> SharedAmax:
+    """Rebuild the state from the members' loaded ``_global_amax`` buffers.
+
+    Args:
+        groups: the groups.
+        buffers: FQN -> tensor; reads ``<member>.<quantizer>._global_amax`` (one element).
+        quantizer: the quantizer attribute the groups apply to.
+
+    Returns:
+        A new ``SharedAmax``; a group whose members hold no value stays unset.
+
+    Raises:
+        ValueError: a value has more than one element, or (eagerly) the members of a
+            group disagree or a value is not finite; the message names the group, its
+            members and their values.
+    """
+    groups = _check_groups("restore", groups)
+    tensors, group_ids, names, device = _gather("restore", groups, buffers, quantizer, GLOBAL_AMAX)
+    for tensor, name in zip(tensors, names):
+        if tensor.numel() != 1:
+            raise ValueError(f"restore: {name!r} must hold one value, got shape {tuple(tensor.shape)}")
+    if not tensors:
+        return SharedAmax(groups=groups, global_amax=torch.full((len(groups),), UNSET, device=device))
+    flat = torch.stack([t.reshape(()).to(torch.float32) for t in tensors])
+    high = torch.full((len(groups),), UNSET, device=device).scatter_reduce(0, group_ids, flat, "amax")
+    if not is_traced(flat):
+        low = torch.full((len(groups),), -UNSET, device=device).scatter_reduce(0, group_ids, flat, "amin")
+        bad = ~torch.isfinite(flat) | (flat != high[group_ids]) | (flat != low[group_ids])
+        if bad.any():
+            _raise_disagreement(groups, group_ids, flat, names, quantizer)
+    return SharedAmax(groups=groups, global_amax=high)
+
+
+def _raise_disagreement(groups, group_ids, flat, names, quantizer) -> None:
+    suffix = f".{quantizer}.{GLOBAL_AMAX}"
+    by_group: dict[int, list[tuple[str, float]]] = {}
+    for position, value, name in zip(group_ids.tolist(), flat.tolist(), names):
+        by_group.setdefault(position, []).append((name.removesuffix(suffix), value))
+    for position, entries in by_group.items():
+        values = {value for _, value in entries}
+        if len(values) > 1 or not all(math.isfinite(value) for value in values):
+            listing = ", ".join(f"{member}={value!r}" for member, value in entries)
+            raise ValueError(
+                f"restore: {_describe(groups[position])} members disagree on {GLOBAL_AMAX} "
+                f"or hold a non-finite one: {listing}"
+            )
+
+
+def member_entries(state: SharedAmax, *, quantizer: str = "weight_quantizer") -> dict[str, torch.Tensor]:
+    """The per-member ``_global_amax`` entries of a state dict, one independent tensor each.
+
+    safetensors refuses tensors that share storage, so every entry owns its memory.
+    Unset groups contribute nothing.
+
+    Args:
+        state: the state.
+        quantizer: the quantizer attribute the groups apply to.
+
+    Returns:
+        ``{"<member>.<quantizer>._global_amax": 0-dim fp32 tensor}``.
+    """
+    keys, positions = [], []
+    for position, group in enumerate(state.groups):
+        for member in group.members:
+            keys.append(buffer_key(member, quantizer, GLOBAL_AMAX))
+            positions.append(position)
+    if not keys:
+        return {}
+    values = state.global_amax[torch.tensor(positions, device=state.global_amax.device)]
+    if is_traced(values):
+        return {key: values[i] for i, key in enumerate(keys)}
+    is_set = (values > UNSET).tolist()
+    return {key: value.clone() for key, value, keep in zip(keys, values.unbind(), is_set) if keep}

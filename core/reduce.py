@@ -1,0 +1,312 @@
+"""Reductions: absolute maximum, sum, per-block amax. Pure functions of tensors.
+
+Everything here reads its input once, records no gradient and never writes to its
+input. ``reduce_amax`` and ``reduce_sum`` keep the seed's semantics (``axis=None``
+gives a 0-dim result whatever ``keepdims`` says; ``squeeze_scalar`` squeezes a
+one-element result of an axis reduction) and close three gaps of the peer:
+
+* floating inputs are read in ONE pass (``aminmax`` for whole-tensor reductions, a
+  fused ``abs().amax()`` under ``torch.compile`` and ``torch.func``), not a max pass
+  and a min pass;
+* float8 inputs are reduced over their bytes, in bounded chunks, without ever
+  materialising a wider copy (the peer upcasts the whole tensor to fp32 first);
+* signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
+  overflows to -128 in the input's own dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "convert_quantization_axis_to_reduce_axis",
+    "reduce_amax",
+    "reduce_amax_many",
+    "reduce_block_amax",
+    "reduce_sum",
+    "round_up_to_fp32",
+]
+
+_FLOAT8 = tuple(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+# Every float8 format is sign-magnitude in one byte, so clearing bit 7 leaves the
+# magnitude, and magnitudes order like unsigned integers (NaN codes sort above inf).
+_MAGNITUDE_BITS = 0x7F
+# Bytes masked per step: bounds the scratch memory of a float8 reduction.
+_FLOAT8_CHUNK = 1 << 24
+
+
+def is_traced(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` flows through torch.compile or a torch.func transform.
+
+    Under tracing we emit the plain composite (``abs().amax()``), which inductor fuses
+    into one read and which every functorch transform has a rule for, and we skip
+    checks that would need the tensor's values.
+    """
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def _normalize_axis(fn: str, tensor: torch.Tensor, axis) -> tuple[int, ...] | None:
+    if axis is None:
+        return None
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    rank = tensor.dim()
+    out = []
+    for a in axes:
+        if not isinstance(a, int) or isinstance(a, bool):
+            raise TypeError(f"{fn}: axis must hold ints, got {axis!r}")
+        if not -rank <= a < max(rank, 1):
+            raise ValueError(f"{fn}: axis {a} is out of range for a tensor of rank {rank}")
+        if rank:  # a 0-dim tensor accepts axis 0 / -1, as torch does, and has nothing to reduce
+            out.append(a % rank)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: axis {axis!r} names a dimension twice")
+    return tuple(out)
+
+
+def _check_tensor(fn: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{fn}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_complex():
+        raise TypeError(f"{fn}: complex tensors have no amax, got {tensor.dtype}")
+
+
+def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
+    """abs-max of a float8 tensor, computed on its bytes; result in the default dtype."""
+    magnitude = tensor.view(torch.uint8)
+    if is_traced(tensor):
+        reduced = (magnitude & _MAGNITUDE_BITS).amax(dim=axis, keepdim=True)
+    elif axis is None or len(axis) == tensor.dim():
+        flat = magnitude.reshape(-1)
+        scratch = torch.empty(min(flat.numel(), _FLOAT8_CHUNK), dtype=torch.uint8, device=flat.device)
+        partial = [
+            torch.bitwise_and(chunk, _MAGNITUDE_BITS, out=scratch[: chunk.numel()]).amax()
+            for chunk in flat.split(_FLOAT8_CHUNK)
+        ]
+        reduced = torch.stack(partial).amax().reshape([1] * tensor.dim())
+    else:
+        # Chunk along the leading dimension; combine partial maxima when dim 0 is
+        # itself reduced, concatenate them when it is kept.
+        row_bytes = max(1, magnitude[0].numel())
+        rows = max(1, _FLOAT8_CHUNK // row_bytes)
+        parts = [(chunk & _MAGNITUDE_BITS).amax(dim=axis, keepdim=True) for chunk in magnitude.split(rows)]
+        reduced = torch.stack(parts).amax(0) if 0 in axis else torch.cat(parts)
+    return reduced.view(tensor.dtype).to(torch.get_default_dtype())
+
+
+def _integer_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
+    dims = axis if axis is not None else tuple(range(tensor.dim()))
+    high = tensor.amax(dim=dims, keepdim=True)
+    if tensor.dtype == torch.bool or not tensor.is_signed():
+        return high
+    low = tensor.amin(dim=dims, keepdim=True)
+    return torch.maximum(high.to(torch.int64).abs(), low.to(torch.int64).abs())
+
+
+def _float_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
+    dims = axis if axis is not None else tuple(range(tensor.dim()))
+    if is_traced(tensor):
+        return tensor.abs().amax(dim=dims, keepdim=True)
+    if len(dims) == tensor.dim():
+        low, high = torch.aminmax(tensor)
+        return torch.maximum(high.abs(), low.abs()).reshape([1] * tensor.dim())
+    if tensor.is_cuda and len(dims) == 1:
+        low, high = torch.aminmax(tensor, dim=dims[0], keepdim=True)
+        return torch.maximum(high.abs(), low.abs())
+    # CPU aminmax over a dimension is not vectorized (10x slower than amax), so the
+    # partial reductions are two vectorized passes.
+    return torch.maximum(tensor.amax(dim=dims, keepdim=True).abs(), tensor.amin(dim=dims, keepdim=True).abs())
+
+
+def _abs_max(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
+    """abs-max with the reduced dimensions kept (length 1)."""
+    if tensor.dtype in _FLOAT8:
+        return _float8_amax(tensor, axis)
+    if not tensor.is_floating_point():
+        return _integer_amax(tensor, axis)
+    return _float_amax(tensor, axis)
+
+
+@torch.no_grad()
+def reduce_amax(input, axis=None, keepdims=True, squeeze_scalar=True):
+    """Absolute maximum of ``input`` over ``axis``, reading it once.
+
+    Args:
+        input: the tensor. Floating (float8 included), integer or bool.
+        axis: ``None`` reduces every dimension and returns a 0-dim tensor; an int or a
+            sequence of ints reduces those dimensions.
+        keepdims: keep reduced dimensions with length 1 (only with an ``axis``).
+        squeeze_scalar: squeeze a one-element result of an ``axis`` reduction to 0-dim.
+
+    Returns:
+        The abs-max, in the input's dtype (float8: the default float dtype; signed
+        integers: int64). NaN propagates.
+
+    Raises:
+        TypeError: ``input`` is not a real tensor.
+        ValueError: ``axis`` is out of range or names a dimension twice, or a reduced
+            dimension is empty.
+    """
+    _check_tensor("reduce_amax", input)
+    axes = _normalize_axis("reduce_amax", input, axis)
+    reduced_sizes = input.shape if axes is None else [input.shape[a] for a in axes]
+    if 0 in reduced_sizes:
+        raise ValueError(f"reduce_amax: input is empty along the reduced axes (shape {tuple(input.shape)})")
+    output = _abs_max(input, axes)
+    if axes is None:
+        return output.reshape(())
+    if not keepdims and axes:
+        output = output.squeeze(axes)
+    if squeeze_scalar and output.numel() == 1:
+        output = output.reshape(())
+    return output
+
+
+@torch.no_grad()
+def reduce_sum(input, axis=None, keepdims=True):
+    """Sum of ``input`` over ``axis`` (``None``: every dimension, 0-dim result).
+
+    Args:
+        input: the tensor.
+        axis: ``None``, an int or a sequence of ints.
+        keepdims: keep reduced dimensions with length 1 (only with an ``axis``).
+
+    Returns:
+        The sum, in torch's sum dtype for the input.
+
+    Raises:
+        TypeError: ``input`` is not a tensor.
+        ValueError: ``axis`` is out of range.
+    """
+    _check_tensor("reduce_sum", input)
+    axes = _normalize_axis("reduce_sum", input, axis)
+    if axes is None:
+        return torch.sum(input)
+    return torch.sum(input, dim=axes, keepdim=keepdims)
+
+
+def convert_quantization_axis_to_reduce_axis(input, axis):
+    """Turn a quantization axis (the dimensions that keep their own scale) into the axes to reduce.
+
+    Args:
+        input: the tensor being quantized.
+        axis: ``None`` (per-tensor), an int, or a list/tuple of ints; negative values count
+            from the end.
+
+    Returns:
+        ``None`` for per-tensor quantization (reduce everything), else the list of
+        dimensions not named by ``axis``, in increasing order.
+    """
+    if axis is None:
+        return None
+    kept = axis if isinstance(axis, (list, tuple)) else [axis]
+    rank = input.dim()
+    return [d for d in range(rank) if d not in kept and d - rank not in kept]
+
+
+@torch.no_grad()
+def reduce_block_amax(input: torch.Tensor, block_sizes: Mapping[int, int]) -> torch.Tensor:
+    """Per-block abs-max, all block dimensions reduced in one read.
+
+    Args:
+        input: the tensor.
+        block_sizes: ``{dim: block}``, e.g. ``{-1: 16}`` for NVFP4 or ``{-1: 128, -2: 128}``
+            for 2-D blocks. Every named dimension must be a multiple of its block.
+
+    Returns:
+        A tensor with each blocked dimension divided by its block size (``[R, C]`` with
+        ``{-1: 16}`` gives ``[R, C // 16]``), in the dtype ``reduce_amax`` gives.
+
+    Raises:
+        TypeError: ``block_sizes`` is not a mapping of int to int.
+        ValueError: a dimension is out of range, named twice, empty, or not a multiple
+            of its block size.
+    """
+    _check_tensor("reduce_block_amax", input)
+    if not isinstance(block_sizes, Mapping) or not block_sizes:
+        raise TypeError(f"reduce_block_amax: block_sizes must be a non-empty {{dim: size}} dict, got {block_sizes!r}")
+    rank = input.dim()
+    blocks: dict[int, int] = {}
+    for dim, size in block_sizes.items():
+        if not isinstance(dim, int) or not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"reduce_block_amax: block_sizes must map int dims to int sizes, got {dim!r}: {size!r}")
+        if not -rank <= dim < rank:
+            raise ValueError(f"reduce_block_amax: dim {dim} is out of range for a tensor of rank {rank}")
+        pos = dim % rank
+        if pos in blocks:
+            raise ValueError(f"reduce_block_amax: dim {dim} is named twice in {dict(block_sizes)!r}")
+        if size <= 0 or input.shape[pos] == 0 or input.shape[pos] % size:
+            raise ValueError(
+                f"reduce_block_amax: dimension {dim} of size {input.shape[pos]} is not a positive "
+                f"multiple of its block size {size}"
+            )
+        blocks[pos] = size
+    shape: list[int] = []
+    reduced: list[int] = []
+    for pos, extent in enumerate(input.shape):
+        if pos in blocks:
+            shape += [extent // blocks[pos], blocks[pos]]
+            reduced.append(len(shape) - 1)
+        else:
+            shape.append(extent)
+    return _abs_max(input.reshape(shape), tuple(reduced)).squeeze(tuple(reduced))
+
+
+def round_up_to_fp32(values: torch.Tensor) -> torch.Tensor:
+    """Cast to fp32 rounding toward +inf, so a narrowed amax never falls below the original.
+
+    An fp64 amax of ``1 + 2**-30`` becomes the next fp32 above 1.0, not 1.0.
+    """
+    if values.dtype == torch.float32:
+        return values
+    narrowed = values.to(torch.float32)
+    if values.dtype != torch.float64:
+        return narrowed  # float16 / bfloat16 / integers up to 2**24 are exact in fp32
+    below = narrowed.to(torch.float64) < values
+    return torch.where(below, torch.nextafter(narrowed, torch.full_like(narrowed, float("inf"))), narrowed)
+
+
+def reduce_amax_many(tensors: Sequence[torch.Tensor], segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """abs-max over many tensors at once, pooled into ``num_segments`` segments.
+
+    Tensor ``i`` contributes to segment ``segment_ids[i]``. The work is one
+    concatenation and one scatter, whatever the number of tensors: the cost of
+    finalizing 10k groups is a few kernels, not 10k.
+
+    Args:
+        tensors: non-empty tensors (any shapes, one device).
+        segment_ids: int64, one entry per tensor.
+        num_segments: the length of the result.
+
+    Returns:
+        A 1-D tensor of ``num_segments`` maxima in the widest input float dtype (at
+        least fp32); ``-inf`` where no tensor contributed. NaN propagates.
+    """
+    if not tensors:
+        return torch.full((num_segments,), float("-inf"), device=segment_ids.device)
+    widened = [t.to(torch.get_default_dtype()) if t.dtype in _FLOAT8 else t for t in tensors]
+    flat = _concat_flat(widened)
+    if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.to(torch.float32)
+    lengths = torch.tensor([t.numel() for t in tensors], device=flat.device)
+    element_ids = torch.repeat_interleave(segment_ids.to(flat.device), lengths, output_size=flat.numel())
+    out = torch.full((num_segments,), float("-inf"), dtype=flat.dtype, device=flat.device)
+    return out.scatter_reduce_(0, element_ids, flat.abs(), "amax")
+
+
+def _concat_flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    # One cat of the tensors as they are costs a few microseconds per thousand; a
+    # reshape(-1) per tensor costs a microsecond each. Use the fast path when the
+    # shapes allow it (same trailing dims, none 0-dim).
+    if not torch.compiler.is_compiling():
+        first = tensors[0]
+        if first.dim() >= 1:
+            tail = first.shape[1:]
+            if all(t.dim() == first.dim() and t.shape[1:] == tail for t in tensors):
+                return torch.cat(tensors).reshape(-1)
+    return torch.cat([t.reshape(-1) for t in tensors])
