@@ -161,13 +161,15 @@ def restore(
     buffers: Mapping[str, torch.Tensor],
     *,
     quantizer: str = "weight_quantizer",
+    attr: str = GLOBAL_AMAX,
 ) -> SharedAmax:
     """Rebuild the state from the members' loaded ``_global_amax`` buffers.
 
     Args:
         groups: the groups.
-        buffers: FQN -> tensor; reads ``<member>.<quantizer>._global_amax`` (one element).
+        buffers: FQN -> tensor; reads ``<member>.<quantizer>.<attr>`` (one element each).
         quantizer: the quantizer attribute the groups apply to.
+        attr: the per-group scalar to restore (``_global_amax``).
 
     Returns:
         A new ``SharedAmax``; a group whose members hold no value stays unset.
@@ -178,7 +180,7 @@ def restore(
             members and their values.
     """
     groups = _check_groups("restore", groups)
-    tensors, group_ids, names, device = _gather("restore", groups, buffers, quantizer, GLOBAL_AMAX)
+    tensors, group_ids, names, device = _gather("restore", groups, buffers, quantizer, attr)
     for tensor, name in zip(tensors, names):
         if tensor.numel() != 1:
             raise ValueError(f"restore: {name!r} must hold one value, got shape {tuple(tensor.shape)}")
@@ -190,12 +192,12 @@ def restore(
         low = torch.full((len(groups),), -UNSET, device=device).scatter_reduce(0, group_ids, flat, "amin")
         bad = ~torch.isfinite(flat) | (flat != high[group_ids]) | (flat != low[group_ids])
         if bad.any():
-            _raise_disagreement(groups, group_ids, flat, names, quantizer)
+            _raise_disagreement(groups, group_ids, flat, names, quantizer, attr)
     return SharedAmax(groups=groups, global_amax=high)
 
 
-def _raise_disagreement(groups, group_ids, flat, names, quantizer) -> None:
-    suffix = f".{quantizer}.{GLOBAL_AMAX}"
+def _raise_disagreement(groups, group_ids, flat, names, quantizer, attr) -> None:
+    suffix = f".{quantizer}.{attr}"
     by_group: dict[int, list[tuple[str, float]]] = {}
     for position, value, name in zip(group_ids.tolist(), flat.tolist(), names):
         by_group.setdefault(position, []).append((name.removesuffix(suffix), value))
@@ -204,7 +206,7 @@ def _raise_disagreement(groups, group_ids, flat, names, quantizer) -> None:
         if len(values) > 1 or not all(math.isfinite(value) for value in values):
             listing = ", ".join(f"{member}={value!r}" for member, value in entries)
             raise ValueError(
-                f"restore: {_describe(groups[position])} members disagree on {GLOBAL_AMAX} "
+                f"restore: {_describe(groups[position])} members disagree on {attr} "
                 f"or hold a non-finite one: {listing}"
             )
 
