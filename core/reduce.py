@@ -54,13 +54,19 @@ def is_traced(tensor: torch.Tensor) -> bool:
 def _normalize_axis(fn: str, tensor: torch.Tensor, axis) -> tuple[int, ...] | None:
     if axis is None:
         return None
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if isinstance(axis, int):
+        axes = (axis,)
+    elif isinstance(axis, (tuple, list)):
+        axes = tuple(axis)
+    else:
+        raise TypeError(f"{fn}: axis must hold ints, got {axis!r}")
     rank = tensor.dim()
+    extent = max(rank, 1)  # a 0-dim tensor has the one dimension torch lets you name as 0 or -1
     out = []
     for a in axes:
         if not isinstance(a, int) or isinstance(a, bool):
             raise TypeError(f"{fn}: axis must hold ints, got {axis!r}")
-        if not -rank <= a < max(rank, 1):
+        if not -extent <= a < extent:
             raise ValueError(f"{fn}: axis {a} is out of range for a tensor of rank {rank}")
         if rank:  # a 0-dim tensor accepts axis 0 / -1, as torch does, and has nothing to reduce
             out.append(a % rank)
