@@ -37,6 +37,10 @@ _FLOAT8 = tuple(
 # Every float8 format is sign-magnitude in one byte, so clearing bit 7 leaves the
 # magnitude, and magnitudes order like unsigned integers (NaN codes sort above inf).
 _MAGNITUDE_BITS = 0x7F
+# The fnuz formats have no negative zero: their one NaN is 0x80, which clearing bit 7
+# would turn into 0. Kept as is, it sorts above every magnitude and stays NaN.
+_FNUZ = tuple(getattr(torch, name) for name in ("float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name))
+_FNUZ_NAN = 0x80
 # Bytes masked per step: bounds the scratch memory of a float8 reduction.
 _FLOAT8_CHUNK = 1 << 24
 
@@ -82,17 +86,25 @@ def _check_tensor(fn: str, tensor) -> None:
         raise TypeError(f"{fn}: complex tensors have no amax, got {tensor.dtype}")
 
 
+def _magnitude(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bytes that order like ``abs`` of the float8 values in ``raw`` (NaN above everything)."""
+    masked = torch.bitwise_and(raw, _MAGNITUDE_BITS, out=out)
+    if dtype in _FNUZ:
+        masked = torch.where(raw == _FNUZ_NAN, raw, masked)
+    return masked
+
+
 def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
     """abs-max of a float8 tensor, computed on its bytes; result in the default dtype."""
     magnitude = tensor.view(torch.uint8)
+    dtype = tensor.dtype
     if is_traced(tensor):
-        reduced = (magnitude & _MAGNITUDE_BITS).amax(dim=axis, keepdim=True)
+        reduced = _magnitude(magnitude, dtype).amax(dim=axis, keepdim=True)
     elif axis is None or len(axis) == tensor.dim():
         flat = magnitude.reshape(-1)
         scratch = torch.empty(min(flat.numel(), _FLOAT8_CHUNK), dtype=torch.uint8, device=flat.device)
         partial = [
-            torch.bitwise_and(chunk, _MAGNITUDE_BITS, out=scratch[: chunk.numel()]).amax()
-            for chunk in flat.split(_FLOAT8_CHUNK)
+            _magnitude(chunk, dtype, out=scratch[: chunk.numel()]).amax() for chunk in flat.split(_FLOAT8_CHUNK)
         ]
         reduced = torch.stack(partial).amax().reshape([1] * tensor.dim())
     else:
@@ -100,7 +112,7 @@ def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Te
         # itself reduced, concatenate them when it is kept.
         row_bytes = max(1, magnitude[0].numel())
         rows = max(1, _FLOAT8_CHUNK // row_bytes)
-        parts = [(chunk & _MAGNITUDE_BITS).amax(dim=axis, keepdim=True) for chunk in magnitude.split(rows)]
+        parts = [_magnitude(chunk, dtype).amax(dim=axis, keepdim=True) for chunk in magnitude.split(rows)]
         reduced = torch.stack(parts).amax(0) if 0 in axis else torch.cat(parts)
     return reduced.view(tensor.dtype).to(torch.get_default_dtype())
 
