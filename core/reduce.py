@@ -120,7 +120,8 @@ def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Te
 def _integer_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
     dims = axis if axis is not None else tuple(range(tensor.dim()))
     high = tensor.amax(dim=dims, keepdim=True)
-    if tensor.dtype == torch.bool or not tensor.is_signed():
+    # dtype.is_signed, not Tensor.is_signed(): dynamo cannot trace the method (graph break)
+    if tensor.dtype == torch.bool or not tensor.dtype.is_signed:
         return high
     low = tensor.amin(dim=dims, keepdim=True)
     return torch.maximum(high.to(torch.int64).abs(), low.to(torch.int64).abs())
