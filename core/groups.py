@@ -68,6 +68,8 @@ def compile_patterns(patterns: Iterable[str], where: str = "find_groups") -> tup
     """
     if isinstance(patterns, (str, bytes)):
         raise TypeError(f"{where}: patterns must be a sequence of regex strings, got the string {patterns!r}")
+    if not isinstance(patterns, Iterable):
+        raise TypeError(f"{where}: patterns must be a sequence of regex strings, got {patterns!r}")
     compiled = []
     for pattern in patterns:
         if not isinstance(pattern, str):
