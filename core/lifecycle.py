@@ -64,10 +64,12 @@ def _gather(fn: str, groups: tuple[Group, ...], buffers: Mapping[str, torch.Tens
         for member in group.members:
             key = buffer_key(member, quantizer, attr)
             tensor = buffers.get(key)
-            if tensor is None or tensor.is_meta:
+            if tensor is None:
                 continue
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{fn}: {key!r} must be a tensor, got {type(tensor).__name__}")
+            if tensor.is_meta:
+                continue
             if tensor.numel() == 0:
                 raise ValueError(f"{fn}: {key!r} is empty")
             tensors.append(tensor)
