@@ -11,6 +11,7 @@ from contextlib import contextmanager
 __all__ = ["export_torch_mode", "is_torch_export_mode", "replace_function"]
 
 _export_mode = False
+_MISSING = object()
 
 
 @contextmanager
@@ -26,13 +27,19 @@ def replace_function(package, name: str, new_func: Callable, og_func_cache_name:
     """
     cache_name = og_func_cache_name or "_" + name
     original = getattr(package, name)
+    # The cache name may already be taken (an outer replace of the same function, or a
+    # private attribute of the package): put back what was there, not just delete it.
+    shadowed = getattr(package, cache_name, _MISSING)
     setattr(package, name, new_func)
     setattr(package, cache_name, original)
     try:
         yield
     finally:
         setattr(package, name, original)
-        delattr(package, cache_name)
+        if shadowed is _MISSING:
+            delattr(package, cache_name)
+        else:
+            setattr(package, cache_name, shadowed)
 
 
 @contextmanager
