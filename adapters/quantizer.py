@@ -67,10 +67,12 @@ class TensorQuantizer(nn.Module):
             )
         super().__setattr__(name, value)
 
+    # The properties read _buffers directly: nn.Module.__getattr__ is a slow fallback,
+    # and populate / restore touch every member.
     @property
     def amax(self) -> torch.Tensor | None:
         """The calibrated amax: per block (static) or per tensor (dynamic)."""
-        return self._amax
+        return self._buffers.get("_amax")
 
     @amax.setter
     def amax(self, value) -> None:
@@ -79,7 +81,7 @@ class TensorQuantizer(nn.Module):
     @property
     def global_amax(self) -> torch.Tensor | None:
         """The per-tensor amax of an NVFP4 weight (shared across a fused group when tied)."""
-        return self._global_amax
+        return self._buffers.get("_global_amax")
 
     @global_amax.setter
     def global_amax(self, value) -> None:

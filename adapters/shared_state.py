@@ -24,11 +24,13 @@ from sharedquant.core.reduce import round_up_to_fp32
 from sharedquant.core.state import UNSET, SharedAmax
 
 from .modules import discover_groups, quantizer_attr, walk_modules
-from .tying import keep_fp32_, tie_, untie_
+from .quantizer import TensorQuantizer
+from .tying import is_tied, keep_fp32_, tie_, untie_
 
 __all__ = ["SHARED_STATES", "SharedQuantState", "SharedWeightGlobalAmaxState", "iter_shared_quant_states"]
 
 SHARED_STATES = "_shared_quant_states"
+_LOAD_CHECK = "_shared_quant_load_check"
 
 
 class SharedQuantState(nn.Module, ABC):
@@ -74,7 +76,7 @@ class SharedQuantState(nn.Module, ABC):
     def member_quantizers(self) -> list[nn.Module]:
         """The members' target quantizers (members without one are left out)."""
         attr = quantizer_attr(self.target_quantizer_kind)
-        return [q for q in (getattr(m, attr, None) for m in self.members) if q is not None]
+        return [q for q in (m._modules.get(attr) for m in self.members) if q is not None]
 
     # -- hooks ------------------------------------------------------------------------
     def install_hooks(self) -> None:
@@ -232,8 +234,11 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
 
     def tie_member_quantizer(self, quantizer: nn.Module) -> bool:
         """Tie one member quantizer when it can hold a global amax and the value is set."""
-        if not hasattr(quantizer, "global_amax") or self.global_amax is None:
+        value = self._buffers.get("_global_amax")
+        if value is None or not (isinstance(quantizer, TensorQuantizer) or hasattr(quantizer, "global_amax")):
             return False
+        if quantizer._buffers.get("_global_amax") is value and is_tied(quantizer, "_global_amax"):
+            return True
         return super().tie_member_quantizer(quantizer)
 
     def finalize(self) -> bool:
@@ -250,12 +255,18 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
         Raises:
             RuntimeError: ``"Failed to sync shared weight global_amax"``, chained to the failure.
         """
-        if self.global_amax is None or parallel_state is None:
+        if parallel_state is None:
             return
         from .distributed import sync_shared_amax
 
-        synced = sync_shared_amax(SharedAmax((self.group,), self.global_amax.reshape(1)), parallel_state)
-        self.global_amax.copy_(synced.global_amax[0])  # in place: the members see it
+        current = self.global_amax
+        # An unset rank still takes part (-inf), else the ranks holding a value wait on it.
+        local = torch.full((1,), UNSET, device=_member_device(self)) if current is None else current.reshape(1)
+        synced = sync_shared_amax(SharedAmax((self.group,), local), parallel_state).global_amax[0]
+        if current is not None:
+            current.copy_(synced)  # in place: the members see it
+        elif synced > UNSET:
+            self.global_amax = synced
 
     @classmethod
     def _populate_states(cls, states: list[SharedQuantState]) -> None:
@@ -285,6 +296,12 @@ def first_parallel_state(state: SharedQuantState):
     return None
 
 
+def _member_device(state: SharedQuantState) -> torch.device:
+    """Where the members' weights live (the device a collective must use), CPU if nowhere."""
+    weights = (p for m in state.members for p in m.parameters(recurse=False) if not p.is_meta)
+    return next((p.device for p in weights), torch.device("cpu"))
+
+
 # -- batched plumbing between states and the core --------------------------------------
 class _Probe:
     """A group not attached yet: what restore checks before attaching anything."""
@@ -297,7 +314,7 @@ class _Probe:
         self._attr = attr
 
     def member_quantizers(self) -> list[nn.Module]:
-        return [q for q in (getattr(m, self._attr, None) for m in self.members) if q is not None]
+        return [q for q in (m._modules.get(self._attr) for m in self.members) if q is not None]
 
 
 def _core_view(states: Sequence, attr: str) -> tuple[tuple[Group, ...], dict[str, torch.Tensor], str]:
@@ -311,7 +328,7 @@ def _core_view(states: Sequence, attr: str) -> tuple[tuple[Group, ...], dict[str
     buffers: dict[str, torch.Tensor] = {}
     for state, group in zip(states, groups):
         for member, name in zip(state.members, group.members):
-            quantizer = getattr(member, qattr, None)
+            quantizer = member._modules.get(qattr)
             value = None if quantizer is None else quantizer._buffers.get(attr)
             if value is not None:
                 buffers[lifecycle.buffer_key(name, qattr, attr)] = value
@@ -338,15 +355,19 @@ def _unpack(values: torch.Tensor) -> list[torch.Tensor | None]:
 
 
 def _sync_by_parallel_state(states: Sequence[SharedQuantState], values: torch.Tensor) -> torch.Tensor:
-    """One ``sync_shared_amax`` per distinct parallel state; unset groups take part too."""
-    by_parallel_state: dict[int, tuple[object, list[int]]] = {}
+    """One ``sync_shared_amax`` per distinct set of process groups; unset groups take part too."""
+    from .distributed import process_groups, sync_shared_amax
+
+    # Keyed by the process groups, not the ParallelState object: modelopt gives every
+    # module its own object, which would cost one collective per state.
+    by_parallel_state: dict[tuple[int, ...], tuple[object, list[int]]] = {}
     for position, state in enumerate(states):
         parallel_state = first_parallel_state(state)
-        if parallel_state is not None:
-            by_parallel_state.setdefault(id(parallel_state), (parallel_state, []))[1].append(position)
+        key = tuple(map(id, process_groups(parallel_state, "populate")))
+        if key:
+            by_parallel_state.setdefault(key, (parallel_state, []))[1].append(position)
     if not by_parallel_state:
         return values
-    from .distributed import sync_shared_amax
 
     for parallel_state, positions in by_parallel_state.values():
         index = torch.tensor(positions, device=values.device)
@@ -398,6 +419,10 @@ def _attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules
                 f"claimed by two states of the same kind (new group {group.parent or '<root>'!r} {group.key!r})"
             )
         plan.append((group, members, existing))
+    root = modules[""]
+    if plan and not root.__dict__.get(_LOAD_CHECK):
+        root.register_load_state_dict_pre_hook(_check_incoming_agree)
+        root.__dict__[_LOAD_CHECK] = True
     result = []
     for group, members, existing in plan:
         if existing is not None:
@@ -406,39 +431,42 @@ def _attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules
         state = cls()
         state.set_members(modules[group.parent], members)
         state.__dict__["_group"] = group
-        _state_list(modules[group.parent]).append(state)
+        _register(modules[group.parent], state)
         state.install_hooks()
         result.append((state, True))
     return result
 
 
-def _state_list(parent: nn.Module) -> nn.ModuleList:
+def _register(parent: nn.Module, state: SharedQuantState) -> None:
+    # Straight into _modules: add_module's name checks cost more than the rest of an
+    # attach per group, and the names here are fixed and valid.
     states = parent._modules.get(SHARED_STATES)
     if states is None:
-        states = nn.ModuleList()
-        parent.add_module(SHARED_STATES, states)
-        parent.register_load_state_dict_pre_hook(_check_incoming_agree)
-    return states
+        states = parent._modules[SHARED_STATES] = nn.ModuleList()
+    states._modules[str(len(states._modules))] = state
 
 
-def _check_incoming_agree(parent, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """Before a tied group loads: its members' incoming values must agree.
+def _check_incoming_agree(root, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Before a model with tied groups loads: each group's incoming values must agree.
 
     Loading copies each member's entry into the one shared tensor, so disagreeing
-    entries would leave the last one for all. Instead the members are untied (each
-    loads its own value) and the disagreement is reported like any load error.
+    entries would silently leave the last one for all. Instead those members are
+    untied (each loads its own value) and the disagreement is reported like any
+    other load error. Registered once on the root ``attach`` was called with.
     """
-    for state in parent._modules.get(SHARED_STATES, ()) or ():
-        group = state.group
-        parent_prefix = f"{group.parent}." if group.parent else ""
-        relative = Group(group.key, group.parent, tuple(m.removeprefix(parent_prefix) for m in group.members))
-        qattr = quantizer_attr(state.target_quantizer_kind)
-        for attr in state.managed_attrs:
-            keys = {lifecycle.buffer_key(m, qattr, attr): prefix + lifecycle.buffer_key(m, qattr, attr) for m in relative.members}
-            incoming = {k: state_dict[full] for k, full in keys.items() if full in state_dict}
-            try:
-                lifecycle.restore((relative,), incoming, quantizer=qattr, attr=attr)
-            except ValueError as err:
-                error_msgs.append(str(err))
-                for quantizer in state.member_quantizers():
-                    untie_(quantizer, attr)
+    for parent_name, parent in walk_modules(root):
+        for state in parent._modules.get(SHARED_STATES, ()) or ():
+            group = state.group
+            strip = f"{group.parent}." if group.parent else ""
+            at = prefix + (f"{parent_name}." if parent_name else "")
+            relative = Group(group.key, parent_name, tuple(m.removeprefix(strip) for m in group.members))
+            qattr = quantizer_attr(state.target_quantizer_kind)
+            for attr in state.managed_attrs:
+                keys = [lifecycle.buffer_key(m, qattr, attr) for m in relative.members]
+                incoming = {key: state_dict[at + key] for key in keys if at + key in state_dict}
+                try:
+                    lifecycle.restore((relative,), incoming, quantizer=qattr, attr=attr)
+                except ValueError as err:
+                    error_msgs.append(str(err))
+                    for quantizer in state.member_quantizers():
+                        untie_(quantizer, attr)
