@@ -9,7 +9,7 @@ from sharedquant.core.config import update_quant_cfg_with_kv_cache_quant
 from sharedquant.core.groups import SHARED_PATTERNS, SHARED_PATTERNS_ACROSS_EXPERTS
 from sharedquant.core.reduce import convert_quantization_axis_to_reduce_axis, reduce_amax, reduce_sum
 
-from .calibrate import calibrate, calibration_mode, max_calibrate
+from .calibrate import calibrate, calibration_mode, max_calibrate, set_ungrouped_global_amax
 from .context import export_torch_mode, is_torch_export_mode, replace_function
 from .modules import (
     find_shared_input_groups,
@@ -46,6 +46,7 @@ __all__ = [
     "reduce_sum",
     "replace_function",
     "replace_quant_module",
+    "set_ungrouped_global_amax",
     "representative_weight_quantizer",
     "update_quant_cfg_with_kv_cache_quant",
     "weight_attr_names",

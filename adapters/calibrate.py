@@ -31,7 +31,7 @@ from .quantizer import TensorQuantizer
 from .shared_state import SharedWeightGlobalAmaxState
 from .tying import is_tied
 
-__all__ = ["calibrate", "calibration_mode", "max_calibrate"]
+__all__ = ["calibrate", "calibration_mode", "max_calibrate", "set_ungrouped_global_amax"]
 
 _UNOBSERVED = float("-inf")  # the identity of max: an amax no batch has reached
 
@@ -124,12 +124,36 @@ def max_calibrate(
             if slot.quantizer.amax.item() == _UNOBSERVED:
                 slot.quantizer.amax = None
     SharedWeightGlobalAmaxState.populate(model)
-    singles = [s for s in slots if s.attr == "weight_quantizer" and s.quantizer.is_nvfp4_static]
-    singles = [s for s in singles if not is_tied(s.quantizer, "_global_amax")]
+    _set_ungrouped_global_amax(slots)
+    return model
+
+
+@torch.no_grad()
+def set_ungrouped_global_amax(model: nn.Module) -> int:
+    """Give every calibrated NVFP4 weight quantizer outside a tied group its own ``_global_amax``.
+
+    The last step of ``max_calibrate`` (the peer calls it NVFP4 promotion): grouped
+    members already hold their group's value; every other one gets its own amax.
+
+    Returns:
+        How many quantizers were set.
+    """
+    return _set_ungrouped_global_amax(_slots(model))
+
+
+def _set_ungrouped_global_amax(slots: list[_Slot]) -> int:
+    singles = [
+        s
+        for s in slots
+        if s.attr == "weight_quantizer"
+        and s.quantizer.is_nvfp4_static
+        and s.quantizer.amax is not None
+        and not is_tied(s.quantizer, "_global_amax")
+    ]
     own = _global_amax_entries((), singles, {s.amax_key: s.quantizer.amax for s in singles})
     for slot in singles:
         slot.quantizer.global_amax = own[buffer_key(slot.fqn, slot.attr, "_global_amax")]
-    return model
+    return len(singles)
 
 
 @torch.no_grad()
