@@ -26,6 +26,7 @@ __all__ = ["NVFP4_DYNAMIC", "NVFP4_STATIC", "QuantLinear", "TensorQuantizer", "r
 NVFP4_STATIC = {-1: 16, "type": "static", "scale_bits": (4, 3)}
 NVFP4_DYNAMIC = {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
 _AMAX_ATTRS = ("_amax", "_global_amax")
+_LOAD_DEVICE = "_shared_quant_load_device"  # set by QuantLinear for its quantizers' next load
 
 
 class TensorQuantizer(nn.Module):
@@ -149,8 +150,11 @@ class TensorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A fresh quantizer's buffers are None, which load_state_dict would report as
-        # unexpected keys (strict) or drop; materialise them from the checkpoint first.
-        device = next((b.device for b in self._buffers.values() if b is not None), None)
+        # unexpected keys (strict) or drop; materialise them from the checkpoint first,
+        # on this quantizer's device: its own buffers', else its layer's (a checkpoint
+        # read to the CPU must not pull a CUDA model's quantizers onto the CPU).
+        hint = self.__dict__.pop(_LOAD_DEVICE, None)
+        device = next((b.device for b in self._buffers.values() if b is not None), hint)
         for attr in _AMAX_ATTRS:
             incoming = state_dict.get(prefix + attr)
             if incoming is not None and self._buffers.get(attr) is None:
@@ -186,6 +190,14 @@ class QuantLinear(nn.Linear):
         quant.bias = linear.bias
         quant.train(linear.training)
         return quant
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs before the quantizers load (torch loads a parent, then its children):
+        # tell them where this layer lives, for buffers they must materialise.
+        for quantizer in (self.input_quantizer, self.weight_quantizer, self.output_quantizer):
+            if isinstance(quantizer, TensorQuantizer):
+                quantizer.__dict__[_LOAD_DEVICE] = self.weight.device
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_quantizer(F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias))
