@@ -25,9 +25,10 @@ import torch.distributed as dist
 from sharedquant.core.lifecycle import sync
 from sharedquant.core.state import SharedAmax
 
-__all__ = ["SYNC_ERROR", "ParallelState", "group_all_reduce", "resolve_group", "sync_shared_amax"]
+__all__ = ["SYNC_ERROR", "ParallelState", "group_all_reduce", "process_groups", "resolve_group", "sync_shared_amax"]
 
 SYNC_ERROR = "Failed to sync shared weight global_amax"
+_FIELDS = ("expert_model_parallel_group", "tensor_parallel_group")
 
 # modelopt marks an unset group with -1; torch.distributed hands ranks outside a
 # new_group this sentinel (-100) instead of a ProcessGroup.
@@ -109,6 +110,35 @@ def group_all_reduce(group: dist.ProcessGroup) -> Callable[[torch.Tensor], torch
     return all_reduce
 
 
+def process_groups(parallel_state: Any, where: str = "process_groups") -> tuple[dist.ProcessGroup, ...]:
+    """The distinct initialised groups to reduce over, expert-parallel first; ``()`` when none.
+
+    Two parallel states over the same process groups give the same tuple, so a caller
+    can batch all their groups into one ``sync_shared_amax`` (modelopt gives every
+    module its own ``ParallelState`` object).
+
+    Args:
+        parallel_state: ``None``, a ``ParallelState``, or any object with
+            ``expert_model_parallel_group`` and ``tensor_parallel_group`` (modelopt's).
+        where: what to name in error messages.
+
+    Raises:
+        TypeError: ``parallel_state`` has neither field, or a group is of an unknown kind.
+    """
+    if parallel_state is None:
+        return ()
+    if not any(hasattr(parallel_state, name) for name in _FIELDS):
+        raise TypeError(
+            f"{where}: parallel_state must be None or have {' / '.join(_FIELDS)}, got {type(parallel_state).__name__}"
+        )
+    groups: list[dist.ProcessGroup] = []
+    for name in _FIELDS:
+        group = resolve_group(getattr(parallel_state, name, None), f"{where}: parallel_state.{name}")
+        if group is not None and not any(group is seen for seen in groups):
+            groups.append(group)
+    return tuple(groups)
+
+
 def sync_shared_amax(state: SharedAmax, parallel_state: Any) -> SharedAmax:
     """MAX every group's ``global_amax`` over the expert-, then the tensor-parallel group.
 
@@ -126,25 +156,13 @@ def sync_shared_amax(state: SharedAmax, parallel_state: Any) -> SharedAmax:
         A new state with the reduced values; ``state`` is untouched.
 
     Raises:
-        TypeError: ``state`` is not a ``SharedAmax``, or a group is of an unknown kind.
+        TypeError: ``state`` is not a ``SharedAmax``, or ``parallel_state`` or a group
+            is of an unknown kind.
         RuntimeError: ``SYNC_ERROR`` when a collective fails or times out (chained to
             the cause); core's message when the ranks hold different groups.
     """
     if not isinstance(state, SharedAmax):
         raise TypeError(f"sync_shared_amax: expected a SharedAmax state, got {type(state).__name__}")
-    if parallel_state is None:
-        return state
-    fields = ("expert_model_parallel_group", "tensor_parallel_group")
-    if not any(hasattr(parallel_state, name) for name in fields):
-        raise TypeError(
-            f"sync_shared_amax: parallel_state must be None or have {' / '.join(fields)}, "
-            f"got {type(parallel_state).__name__}"
-        )
-    done: list[dist.ProcessGroup] = []
-    for name in fields:
-        group = resolve_group(getattr(parallel_state, name, None), f"sync_shared_amax: parallel_state.{name}")
-        if group is None or any(group is seen for seen in done):
-            continue
+    for group in process_groups(parallel_state, "sync_shared_amax"):
         state = sync(state, group_all_reduce(group))
-        done.append(group)
     return state
