@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sharedquant.adapters import (
+    SharedWeightGlobalAmaxState,
+    iter_shared_quant_states,
+    max_calibrate,
+    replace_quant_module,
+)
 from sharedquant.adapters.distributed import SYNC_ERROR, ParallelState, group_all_reduce, sync_shared_amax
+from sharedquant.adapters.models import tiny_mixtral
 from sharedquant.core import SHARED_PATTERNS_ACROSS_EXPERTS, finalize, find_groups
 
 # Generous for the healthy path (ranks compete for 2 cores); the failure checks rely
@@ -155,8 +162,13 @@ def counted_sync(state, parallel_state):
     return out, counter.counts
 
 
-def check_core(rank: int, world: int, sync_timeout: timedelta) -> dict:
+def check_grid(rank: int, world: int, sync_timeout: timedelta) -> dict:
+    """The core sync, then the module adapter, over one EP x TP grid of groups."""
     ep, tp = grid_groups(world, sync_timeout)
+    return check_core(rank, world, ep, tp) | {"adapter": check_adapter(rank, world, ep, tp)}
+
+
+def check_core(rank: int, world: int, ep, tp) -> dict:
     state = local_state(rank, world)
     before, pointer = state.global_amax.clone(), state.global_amax.data_ptr()
     out, counts = counted_sync(state, ParallelState(ep, tp))
@@ -191,6 +203,81 @@ def check_core(rank: int, world: int, sync_timeout: timedelta) -> dict:
         "skipped": skipped,
         "mismatch": _mismatched_groups(rank, world),
     }
+
+
+def tiny_moe_model(rank: int, world: int, on_meta: bool):
+    """This rank's replica: its own weights (seeded by rank, like a TP slice) and only
+    its local experts, the others zeroed or moved to meta."""
+    torch.manual_seed(100 + rank)
+    model = replace_quant_module(tiny_mixtral(num_experts=NUM_EXPERTS))
+    columns = min(world, 2)
+    for name, module in model.named_modules():
+        if name.endswith("block_sparse_moe"):
+            for index, expert in enumerate(module.experts):
+                if index % columns != rank % columns:
+                    expert.to("meta") if on_meta else torch.nn.init.zeros_(expert.w1.weight)
+    return model
+
+
+def member_report(model) -> list[dict]:
+    """Per state: each member's own weight amax (None where not calibrated here), its
+    final ``_global_amax`` and whether it is the state's tensor."""
+    report = []
+    for state in iter_shared_quant_states(model, SharedWeightGlobalAmaxState):
+        members = []
+        for member in state.members:
+            quantizer = member.weight_quantizer
+            calibrated = quantizer._buffers.get("_amax") is not None and not member.weight.is_meta
+            final = quantizer._buffers.get("_global_amax")
+            members.append({
+                "own": member.weight.abs().max().item() if calibrated else None,
+                "final": None if final is None else final.item(),
+                "tied": final is not None and final is state.global_amax,
+            })
+        report.append({"key": str(state.group.key), "members": members})
+    return report
+
+
+def check_adapter(rank: int, world: int, ep, tp) -> dict:
+    patterns = {"weight_global_amax": {"patterns": list(SHARED_PATTERNS_ACROSS_EXPERTS)}}
+    # max_calibrate, one ParallelState object for the whole model.
+    model = tiny_moe_model(rank, world, on_meta=False)
+    shared = ParallelState(ep, tp)
+    for module in model.modules():
+        if hasattr(module, "weight_quantizer"):
+            module.parallel_state = shared
+    with CollectiveCounter() as calibrate_counter:
+        max_calibrate(model, shared_states=patterns)
+    # attach + calibrate only the local experts and, on rank 0 only, layer 1's attention;
+    # one ParallelState per module with modelopt-shaped wrappers, as modelopt builds them.
+    partial = tiny_moe_model(rank, world, on_meta=True)
+    SharedWeightGlobalAmaxState.attach(partial, SHARED_PATTERNS_ACROSS_EXPERTS)
+    for name, module in partial.named_modules():
+        if hasattr(module, "weight_quantizer"):
+            module.parallel_state = ParallelState(Wrapped(ep), None if tp is None else Wrapped(tp))
+            if not module.weight.is_meta and (rank == 0 or "layers.1.self_attn" not in name):
+                module.weight_quantizer.amax = module.weight_quantizer.observed_amax(module.weight)
+    with CollectiveCounter() as populate_counter:
+        populated = SharedWeightGlobalAmaxState.populate(partial)
+    return {
+        "calibrated": member_report(model),
+        "calibrate_counts": calibrate_counter.counts,
+        "partial": member_report(partial),
+        "populate_counts": populate_counter.counts,
+        "populated": populated,
+        "instance_sync": _instance_sync(rank, partial, ep, tp),
+    }
+
+
+def _instance_sync(rank: int, model, ep, tp) -> dict:
+    """``state.sync(parallel_state)`` on one state that only rank 0 holds a value for."""
+    state = next(iter_shared_quant_states(model, SharedWeightGlobalAmaxState))
+    if rank != 0:
+        state.global_amax = None
+    with CollectiveCounter() as counter:
+        state.sync(ParallelState(ep, tp))
+    value = state.global_amax
+    return {"value": None if value is None else value.item(), "counts": counter.counts}
 
 
 def _compiled_max(state, group) -> list[float]:
@@ -242,7 +329,7 @@ def check_stalls(rank: int, world: int, sync_timeout: timedelta) -> dict:
     return {"error": _error_of(lambda: sync_shared_amax(local_state(rank, world), ParallelState(ep, None)))}
 
 
-CHECKS = {"core": check_core, "dies": check_dies, "stalls": check_stalls}
+CHECKS = {"core": check_grid, "dies": check_dies, "stalls": check_stalls}
 RUNDIR = ""
 
 

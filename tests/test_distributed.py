@@ -261,3 +261,67 @@ def test_modelopt_parallel_state_is_accepted():
     distributed = pytest.importorskip("modelopt.torch.utils.distributed")
     state = _state()
     assert sync_shared_amax(state, distributed.ParallelState()) is state
+
+
+# The module adapter across ranks: tiny_mixtral(num_experts=4), each rank holding its
+# own weights and only its local experts, grouped across experts.
+
+
+def _expected_by_state(results: list[dict], run: str) -> list[float | None]:
+    """Per state: the max over every rank of its members' own weight amax (None: nobody calibrated)."""
+    per_rank = [result["adapter"][run] for result in results]
+    assert len({tuple(state["key"] for state in report) for report in per_rank}) == 1
+    expected = []
+    for states in zip(*per_rank):
+        own = [m["own"] for state in states for m in state["members"] if m["own"] is not None]
+        expected.append(max(own) if own else None)
+    return expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["core4", "core2"])
+@pytest.mark.parametrize("run", ["calibrated", "partial"])
+def test_every_member_on_every_rank_holds_the_global_max(jobs, name, run):
+    # calibrated: max_calibrate with non-local experts zeroed; partial: attach, then only
+    # local experts (others on meta) and, on rank 0 only, layer 1's attention get an amax.
+    results = _all_present(jobs[name])
+    expected = _expected_by_state(results, run)
+    assert None not in expected
+    for result in results:
+        for position, state in enumerate(result["adapter"][run]):
+            for member in state["members"]:
+                assert member["final"] == expected[position], f"rank {result['rank']} state {state['key']}"
+                assert member["tied"], f"rank {result['rank']} state {state['key']}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["core4", "core2"])
+def test_states_uncalibrated_on_a_rank_come_out_set_there(jobs, name):
+    results = _all_present(jobs[name])
+    for result in results[1:]:
+        layer_1_attention = next(s for s in result["adapter"]["partial"] if "layers.1.self_attn" in s["key"])
+        assert all(m["own"] is None and m["final"] is not None for m in layer_1_attention["members"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["core4", "core2"])
+def test_populate_costs_one_collective_per_process_group(jobs, name):
+    # partial gives every module its own ParallelState of wrappers, as modelopt does.
+    for result in _all_present(jobs[name]):
+        expected = {f"all_reduce@{result['ep_name']}": 1}
+        if result["tp_name"] is not None:
+            expected[f"all_reduce@{result['tp_name']}"] = 1
+        assert result["adapter"]["calibrate_counts"] == expected
+        assert result["adapter"]["populate_counts"] == expected
+        assert result["adapter"]["populated"] == len(result["adapter"]["partial"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["core4", "core2"])
+def test_state_sync_takes_part_while_unset_and_comes_out_set(jobs, name):
+    results = _all_present(jobs[name])
+    held = results[0]["adapter"]["instance_sync"]["value"]
+    assert held is not None
+    for result in results:
+        assert result["adapter"]["instance_sync"]["value"] == held, f"rank {result['rank']}"
+        assert result["adapter"]["instance_sync"]["counts"] == result["counts"]
