@@ -49,12 +49,15 @@ class MemberScales:
             or the global amax, by format).
         input_scale: the per-tensor activation scale, ``None`` when absent.
         block_size: elements per block scale, ``None`` when nothing is packed.
+        derived: the scale is not stored but derived (calibration state without a
+            ``_global_amax``): in a mismatched group the member gains a stored one.
     """
 
     fqn: str
     scale: float
     input_scale: float | None = None
     block_size: int | None = None
+    derived: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +83,10 @@ class GroupReport:
 
     @property
     def changed(self) -> tuple[str, ...]:
-        """Members whose weight scale differs from the shared one: the ones to requantize."""
-        return tuple(m.fqn for m in self.members if m.scale != self.shared_scale)
+        """Members whose weight scale must be written: it differs from the shared one, or the
+        group is mismatched and the member has no stored scale yet."""
+        mismatched = any(m.scale != self.shared_scale for m in self.members)
+        return tuple(m.fqn for m in self.members if m.scale != self.shared_scale or (mismatched and m.derived))
 
     @property
     def input_changed(self) -> tuple[str, ...]:

@@ -154,3 +154,13 @@ def test_requantize_refuses_a_nan_block_scale():
 def test_requantize_refuses_empty_codes():
     with pytest.raises(ValueError, match=r"requantize: expected non-empty codes"):
         requantize(torch.empty(0, 8, dtype=torch.uint8), torch.empty(0, 1), torch.tensor(1.0), torch.tensor(2.0))
+
+
+def test_derived_scales_are_stored_only_when_their_group_is_mismatched():
+    def derived(q, k, v):
+        return {fqn: MemberScales(fqn, value, derived=True) for fqn, value in zip(GROUP.members, (q, k, v))}
+
+    (mismatched,) = report_groups([GROUP], derived(3.0, 1.0, 3.0), QUANTIZER_STATE)
+    assert mismatched.changed == GROUP.members and mismatched.shared_scale == 3.0
+    (agreeing,) = report_groups([GROUP], derived(3.0, 3.0, 3.0), QUANTIZER_STATE)
+    assert agreeing.consistent and agreeing.changed == ()

@@ -1,0 +1,430 @@
+"""safetensors checkpoints on disk: inspect and reconcile the fused groups of an NVFP4 checkpoint.
+
+The decisions are the core's (``core.formats``, ``core.reconcile``, ``core.groups``);
+this file only reads and writes files. What it guarantees:
+
+* ``inspect`` reads the shard headers and the per-tensor scale tensors, never packed
+  weights or block scales (block sizes come from the header shapes);
+* ``reconcile`` copies every shard as it is and overwrites, in the copy, only the
+  bytes of the tensors that change (same dtype, same shape), one member at a time, so
+  every other tensor and the safetensors metadata stay byte for byte; a shard that
+  gains keys (quantizer state without ``_global_amax``) is rewritten whole;
+* output goes to a temporary directory next to ``--out``, is checked, and is renamed
+  into place only when complete; the input is never opened for writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members, member_key
+from sharedquant.core.groups import find_groups
+from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
+from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "Inspection",
+    "Reconciliation",
+    "inspect_checkpoint",
+    "open_checkpoint",
+    "reconcile_checkpoint",
+]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1}  # fmt: skip
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk that cannot be read or written as asked; the message names the path."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """A tensor's entry in its shard header; ``start`` and ``end`` are absolute file offsets."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _read_header(path: Path, shard: str) -> dict[str, TensorInfo]:
+    """Parse and validate one shard's header; a truncated or corrupt file raises ``CheckpointError``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length < 0 or length > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupt header, {size} bytes)")
+            header = json.loads(handle.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read safetensors header: {err}") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    base, tensors, data_end = 8 + length, {}, 0
+    for key, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            expected = numel * _DTYPE_BYTES.get(dtype, 0)
+            if not 0 <= begin <= end or (dtype in _DTYPE_BYTES and end - begin != expected):
+                raise ValueError
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}") from err
+        tensors[key] = TensorInfo(shard, dtype, shape, base + begin, base + end)
+        data_end = max(data_end, end)
+    if base + data_end > size:
+        raise CheckpointError(f"{path}: truncated: its header needs {base + data_end} bytes, the file holds {size}")
+    return tensors
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened for lazy reads: headers parsed, tensors read on demand.
+
+    Attributes:
+        path: what the user named (file or directory).
+        root: the directory holding the shards.
+        shards: shard file names, in order.
+        index: the parsed ``model.safetensors.index.json`` (``None`` when not sharded).
+        tensors: key -> ``TensorInfo``.
+        bytes_read: bytes of the tensors read so far (headers excluded).
+    """
+
+    def __init__(self, path: Path, root: Path, shards: Sequence[str], index: dict | None) -> None:
+        self.path, self.root, self.shards, self.index = path, root, tuple(shards), index
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard in self.shards:
+            self.tensors.update(_read_header(root / shard, shard))
+        self.bytes_read = 0
+        self._handles: dict[str, object] = {}
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, read through ``safetensors.safe_open`` (only its own bytes)."""
+        info = self.tensors[key]
+        handle = self._handles.get(info.shard)
+        try:
+            if handle is None:
+                handle = self._handles[info.shard] = safe_open(str(self.root / info.shard), "pt")
+            tensor = handle.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{self.root / info.shard}: cannot read {key!r}: {err}") from err
+        self.bytes_read += info.end - info.start
+        return tensor
+
+    def release(self) -> None:
+        """Drop the open shard maps, so the pages read so far stop counting against memory."""
+        self._handles.clear()
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a ``.safetensors`` file, or a directory with ``model.safetensors`` or a sharded index.
+
+    Raises:
+        CheckpointError: a missing or unreadable path, no model file in the directory, an
+            index that is not valid or names a missing shard, a truncated or corrupt shard.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        return Checkpoint(path, path.parent, [path.name], None)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a regular file or directory")
+    if (path / INDEX).is_file():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            shards = list(dict.fromkeys(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index: {err!r}") from err
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
+        checkpoint = Checkpoint(path, path, shards, index)
+        stray = [key for key, shard in index["weight_map"].items() if checkpoint.tensors.get(key, None) is None]
+        if stray:
+            raise CheckpointError(f"{path / INDEX}: maps {stray[0]!r} to {index['weight_map'][stray[0]]}, which lacks it")
+        return checkpoint
+    if (path / SINGLE).exists():
+        return Checkpoint(path, path, [SINGLE], None)
+    raise CheckpointError(f"{path}: directory holds neither {SINGLE} nor {INDEX}")
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What ``inspect`` found: the format and a report per fused group."""
+
+    path: Path
+    format: Format
+    reports: tuple[GroupReport, ...]
+
+    @property
+    def consistent(self) -> bool:
+        return all(report.consistent for report in self.reports)
+
+
+def _read_scalar(checkpoint: Checkpoint, key: str) -> float:
+    tensor = checkpoint.read(key)
+    if tensor.numel() != 1 or not tensor.is_floating_point():
+        raise CheckpointError(f"{checkpoint.path}: {key!r} should hold one float scale, got {tensor.dtype} {list(tensor.shape)}")
+    return float(tensor.reshape(()).float())
+
+
+def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScales:
+    keys = checkpoint.tensors
+    scale_key = member_key(fqn, fmt.scale)
+    derived = scale_key not in keys
+    if not derived:
+        scale = _read_scalar(checkpoint, scale_key)
+    else:  # calibration state without a promoted global amax: its own amax is its scale
+        scale = round_up_to_fp32(reduce_amax(checkpoint.read(member_key(fqn, fmt.fallback)).float())).item()
+    input_key = member_key(fqn, fmt.input_scale) if fmt.input_scale else None
+    input_scale = _read_scalar(checkpoint, input_key) if input_key in keys else None
+    size = None
+    if fmt.packed is not None:
+        packed, blocks = member_key(fqn, fmt.packed), member_key(fqn, fmt.block_scale)
+        if packed not in keys or blocks not in keys:
+            raise CheckpointError(f"{checkpoint.path}: {fqn!r} has {fmt.scale} but lacks {fmt.packed} or {fmt.block_scale}")
+        size = block_size(fqn, keys[packed].shape, keys[blocks].shape)
+    return MemberScales(fqn=fqn, scale=scale, input_scale=input_scale, block_size=size, derived=derived)
+
+
+def _inspect(checkpoint: Checkpoint, patterns: Sequence[str]) -> Inspection:
+    fmt = detect_format(checkpoint.tensors)
+    groups = find_groups(sorted(find_members(checkpoint.tensors, fmt), key=_natural), patterns)
+    members = sorted({fqn for group in groups for fqn in group.members}, key=lambda fqn: _location(checkpoint, fmt, fqn))
+    scales = {fqn: _member_scales(checkpoint, fmt, fqn) for fqn in members}
+    checkpoint.release()
+    return Inspection(checkpoint.path, fmt, report_groups(groups, scales, fmt))
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts ``layers.2`` before ``layers.10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def _location(checkpoint: Checkpoint, fmt: Format, fqn: str) -> tuple[int, int]:
+    """Where a member's scale lies: reading in file order keeps page-ins sequential."""
+    keys = checkpoint.tensors
+    info = keys.get(member_key(fqn, fmt.scale)) or keys[member_key(fqn, fmt.fallback)]
+    return checkpoint.shards.index(info.shard), info.start
+
+
+def inspect_checkpoint(path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS) -> Inspection:
+    """Report every fused group of a checkpoint, reading only its headers and scale tensors.
+
+    Raises:
+        CheckpointError, ValueError: bad input (see ``open_checkpoint``; unknown format,
+            mixed block sizes, a non-finite scale, a bad pattern).
+    """
+    return _inspect(open_checkpoint(path), patterns)
+
+
+@dataclass
+class Reconciliation:
+    """What ``reconcile`` did (or, on a dry run, would do)."""
+
+    inspection: Inspection
+    requantized: list[str] = field(default_factory=list)
+    inputs_unified: list[str] = field(default_factory=list)
+    scales_set: list[str] = field(default_factory=list)
+    inexact: list[str] = field(default_factory=list)
+    out: Path | None = None
+
+
+def _check_out(checkpoint: Checkpoint, out: Path, force: bool) -> None:
+    source, target = checkpoint.path.resolve(), out.resolve()
+    if target == source or target in source.parents or source in target.parents or target == checkpoint.root.resolve():
+        raise CheckpointError(f"{out}: --out must lie outside the input {checkpoint.path}, which is never modified")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise CheckpointError(f"{out}: already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"{out.parent}: no such directory to create --out in")
+
+
+def _tensor_like(value: float, info: TensorInfo, reference: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32).to(reference.dtype).reshape(info.shape)
+
+
+class _Writer:
+    """Byte patches into the copied shards, then whole rewrites of the shards that gain keys."""
+
+    def __init__(self, checkpoint: Checkpoint, staging: Path) -> None:
+        self.checkpoint, self.staging = checkpoint, staging
+        self.added: dict[str, dict[str, torch.Tensor]] = {}
+
+    def patch(self, key: str, tensor: torch.Tensor) -> None:
+        info = self.checkpoint.tensors[key]
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        if len(data) != info.end - info.start:
+            raise RuntimeError(f"reconcile: new {key!r} has {len(data)} bytes, the slot holds {info.end - info.start}")
+        with open(self.staging / info.shard, "r+b") as handle:
+            handle.seek(info.start)
+            handle.write(data)
+
+    def add(self, key: str, beside: str, tensor: torch.Tensor) -> None:
+        self.added.setdefault(self.checkpoint.tensors[beside].shard, {})[key] = tensor
+
+    def finish(self) -> None:
+        for shard, new in self.added.items():
+            target = self.staging / shard
+            with safe_open(str(target), "pt") as handle:
+                tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+            save_file({**tensors, **new}, str(target) + ".rewrite", metadata=metadata)
+            shutil.copymode(target, str(target) + ".rewrite")
+            os.replace(str(target) + ".rewrite", target)
+        index = self.checkpoint.index
+        if index is not None and self.added:
+            index = json.loads(json.dumps(index))
+            for shard, new in self.added.items():
+                index["weight_map"].update(dict.fromkeys(new, shard))
+                if isinstance(index.get("metadata", {}).get("total_size"), int):
+                    index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in new.values())
+            index["weight_map"] = dict(sorted(index["weight_map"].items()))
+            (self.staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
+    keys = {name: member_key(fqn, getattr(fmt, name)) for name in ("packed", "block_scale", "scale")}
+    scale = checkpoint.read(keys["scale"])
+    shared_tensor = _tensor_like(shared, checkpoint.tensors[keys["scale"]], scale)
+    quantized, exact = requantize(
+        checkpoint.read(keys["packed"]),
+        checkpoint.read(keys["block_scale"]),
+        weight_scale_2(scale, fmt),
+        weight_scale_2(shared_tensor, fmt),
+    )
+    writer.patch(keys["packed"], quantized.packed)
+    writer.patch(keys["block_scale"], quantized.block_scale)
+    writer.patch(keys["scale"], shared_tensor)
+    return exact
+
+
+def _set_scale(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> None:
+    key = member_key(fqn, fmt.scale)
+    if key in checkpoint.tensors:
+        writer.patch(key, _tensor_like(shared, checkpoint.tensors[key], checkpoint.read(key)))
+    else:  # quantizer state without a global amax yet: it gains one
+        writer.add(key, member_key(fqn, fmt.fallback), torch.tensor(shared, dtype=torch.float32))
+
+
+def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, progress) -> None:
+    """Fill ``result`` with the changes; apply them when there is a writer."""
+    fmt = result.inspection.format
+    jobs = [(_location(checkpoint, fmt, fqn), report, fqn) for report in result.inspection.reports for fqn in report.changed]
+    jobs.sort(key=lambda job: job[0])
+    for done, ((shard, _), report, fqn) in enumerate(jobs):
+        if done and jobs[done - 1][0][0] != shard:
+            checkpoint.release()  # one shard's pages at a time
+        if fmt.packed is None:
+            result.scales_set.append(fqn)
+            if writer is not None:
+                _set_scale(checkpoint, writer, fmt, fqn, report.shared_scale)
+        else:
+            result.requantized.append(fqn)
+            if writer is not None and not _requantize_member(checkpoint, writer, fmt, fqn, report.shared_scale):
+                result.inexact.append(fqn)
+        if progress is not None:
+            progress(done + 1, len(jobs), fqn)
+    for report in result.inspection.reports:
+        for fqn in report.input_changed:
+            result.inputs_unified.append(fqn)
+            if writer is not None:
+                key = member_key(fqn, fmt.input_scale)
+                writer.patch(key, _tensor_like(report.shared_input_scale, checkpoint.tensors[key], checkpoint.read(key)))
+    checkpoint.release()
+
+
+def _copy_inputs(checkpoint: Checkpoint, staging: Path) -> None:
+    """Copy the shards and, from a directory, every other file (the index too, rewritten later if needed)."""
+    if checkpoint.path.is_file():
+        shutil.copy2(checkpoint.path, staging / checkpoint.path.name)
+        return
+    for entry in sorted(checkpoint.root.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
+
+
+def reconcile_checkpoint(
+    path: str | os.PathLike,
+    out: str | os.PathLike | None,
+    patterns: Sequence[str] = DEFAULT_PATTERNS,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Reconciliation:
+    """Write a copy of a checkpoint in which every fused group shares one scale.
+
+    Args:
+        path: the input checkpoint (file or directory); never modified.
+        out: the output directory; may be ``None`` on a dry run.
+        patterns: grouping regexes (``core.find_groups``).
+        force: replace an existing ``out``.
+        dry_run: compute and return the changes, write nothing.
+        progress: called as ``progress(done, total, fqn)`` after each changed member.
+
+    Returns:
+        A ``Reconciliation`` listing the changed members.
+
+    Raises:
+        CheckpointError, ValueError: bad input; nothing is written.
+    """
+    checkpoint = open_checkpoint(path)
+    result = Reconciliation(inspection=_inspect(checkpoint, patterns))
+    if dry_run:
+        _apply(checkpoint, result, None, None)
+        return result
+    if out is None:
+        raise CheckpointError("reconcile: --out is required unless --dry-run")
+    out = Path(out)
+    _check_out(checkpoint, out, force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        shutil.copymode(checkpoint.root, staging)  # mkdtemp makes it private; the output should not be
+        _copy_inputs(checkpoint, staging)
+        writer = _Writer(checkpoint, staging)
+        _apply(checkpoint, result, writer, progress)
+        writer.finish()
+        target = staging / checkpoint.path.name if checkpoint.path.is_file() else staging
+        if not inspect_checkpoint(target, patterns).consistent:
+            raise RuntimeError(f"reconcile: the written checkpoint in {staging} still has mismatched groups")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.out = out
+    return result
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished directory to ``out``; an old ``out`` (with --force) is moved aside first."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(staging, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, aside / "old")
+    os.replace(staging, out)
+    shutil.rmtree(aside, ignore_errors=True)
