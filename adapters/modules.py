@@ -14,11 +14,12 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from sharedquant.core.groups import Group, find_groups
+from sharedquant.core.groups import Group, compile_patterns, find_groups
 
 from .quantizer import TensorQuantizer
 
 __all__ = [
+    "CONTAINERS",
     "discover_groups",
     "find_shared_input_groups",
     "is_quantized",
@@ -73,23 +74,32 @@ def _enabled_quantizer(module: nn.Module, attr: str) -> bool:
     return quantizer is not None and hasattr(quantizer, "_disabled") and not quantizer._disabled
 
 
+# Modules whose children are their contents: a state registered in one would change
+# its length and iteration (ModuleList, ModuleDict) or be called by its forward (Sequential).
+CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
 def discover_groups(
-    model: nn.Module, patterns: Sequence[str] | None, target_quantizer_kind: str = "weight"
+    model: nn.Module,
+    patterns: Sequence[str] | None,
+    target_quantizer_kind: str = "weight",
+    where: str = "find_shared_input_groups",
 ) -> tuple[tuple[Group, ...], dict[str, nn.Module]]:
     """The core's groups for ``model`` and the FQN -> module map they refer to.
 
-    ``nn.ModuleList`` parents are climbed past: a state registered in a list would
-    change its length and iteration.
+    Container parents (``CONTAINERS``) are climbed past. ``where`` names the public
+    function in error messages.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"find_shared_input_groups: expected an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
+    compile_patterns(patterns or (), where)
     attr = quantizer_attr(target_quantizer_kind)
     modules: dict[str, nn.Module] = {}
     names: list[str] = []
     containers: list[str] = []
     for name, module in walk_modules(model):
         modules[name] = module
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, CONTAINERS):
             containers.append(name)
         elif _enabled_quantizer(module, attr):
             names.append(name)
