@@ -1,0 +1,87 @@
+"""reduce_amax throughput beside one plain ``torch.amax`` read and beside the peer's reduce_amax.
+
+Throughput is input bytes over time. ``torch.amax`` reads the input once and is the
+bar: an abs-max cannot read less. The float8 rows also report the extra memory the
+reduction allocates (peak RSS growth in a fresh child process on CPU, peak
+allocator growth on CUDA): the peer upcasts the whole input to fp32 first.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from sharedquant.core import reduce_amax
+
+from .models import peer_available
+from .timing import best_of
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    bytes: int
+    ours: float
+    amax: float | None  # one plain torch.amax read; None where torch has no kernel (float8)
+    peer: float | None
+    ours_extra_mib: float | None = None
+    peer_extra_mib: float | None = None
+
+
+def _peer_reduce():
+    from modelopt.torch.quantization.utils import reduce_amax as peer_reduce_amax
+
+    return peer_reduce_amax
+
+
+def _cases(elements: int, device: str):
+    rows = int(elements**0.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        flat = torch.randn(elements, device=device).to(dtype)
+        yield f"{str(dtype).removeprefix('torch.')} axis=None", flat, None
+        yield f"{str(dtype).removeprefix('torch.')} per-row", flat.view(rows, -1), -1
+
+
+def run(
+    elements: int = 1 << 26, fp8_elements: int = 1 << 28, repeats: int = 5, device: str = "cpu", with_peer: bool = True
+) -> list[Row]:
+    """Float rows over ``elements`` values, float8 rows over ``fp8_elements``."""
+    sync = device != "cpu"
+    peer = _peer_reduce() if with_peer and peer_available() else None
+    out = []
+    for case, tensor, axis in _cases(elements, device):
+        dims = None if axis is None else (axis,)
+        amax = best_of(lambda: tensor.amax(dim=dims) if dims else tensor.amax(), repeats, sync=sync)
+        ours = best_of(lambda: reduce_amax(tensor, axis=axis), repeats, sync=sync)
+        theirs = best_of(lambda: peer(tensor, axis=axis), repeats, sync=sync) if peer else None
+        out.append(Row(case, tensor.numel() * tensor.element_size(), ours, amax, theirs))
+    out.append(_float8_row(fp8_elements, repeats, device, peer is not None))
+    return out
+
+
+def _float8_row(elements: int, repeats: int, device: str, with_peer: bool) -> Row:
+    measured = {side: _float8_child(side, elements, repeats, device) for side in ("ours", "peer") if side == "ours" or with_peer}
+    return Row(
+        "float8_e4m3fn axis=None",
+        elements,
+        measured["ours"]["seconds"],
+        None,
+        measured.get("peer", {}).get("seconds"),
+        measured["ours"]["extra_mib"],
+        measured.get("peer", {}).get("extra_mib"),
+    )
+
+
+def _float8_child(side: str, elements: int, repeats: int, device: str) -> dict:
+    """Time and peak extra memory of one side's float8 reduction, in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.float8_child", side, str(elements), str(repeats), device],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,33 @@
+"""The benchmark runs end to end on a tiny size and writes its report (no timing is asserted)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import run
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "RESULTS.md"
+    assert run.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    for step in ("discovery", "attach", "populate", "populate again", "ungrouped global amax", "state_dict", "restore",
+                 "core finalize", "core unify_state_dict"):
+        assert re.search(rf"^\| {re.escape(step)} \| \d", text, re.M), f"missing lifecycle row {step!r}"
+    for case in ("float32 axis=None", "float32 per-row", "bfloat16 axis=None", "bfloat16 per-row", "float8_e4m3fn axis=None"):
+        assert f"| {case} |" in text, f"missing reduce_amax row {case!r}"
+    assert (tmp_path / "RESULTS.png").stat().st_size > 0
+    assert "torch " in text and "machine:" in text
+
+
+def test_gpu_mode_refuses_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --gpu would run")
+    assert run.main(["--gpu", "--out", str(tmp_path / "R.md")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "R.md").exists()
