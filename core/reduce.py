@@ -196,7 +196,7 @@ def reduce_sum(input, axis=None, keepdims=True):
         keepdims: keep reduced dimensions with length 1 (only with an ``axis``).
 
     Returns:
-        The sum, in torch's sum dtype for the input.
+        The sum, in torch's sum dtype for the input (float8: the default float dtype).
 
     Raises:
         TypeError: ``input`` is not a tensor.
@@ -204,9 +204,11 @@ def reduce_sum(input, axis=None, keepdims=True):
     """
     _check_tensor("reduce_sum", input)
     axes = _normalize_axis("reduce_sum", input, axis)
+    # torch has no float8 sum kernel; accumulate in the dtype reduce_amax reports float8 in
+    dtype = torch.get_default_dtype() if input.dtype in _FLOAT8 else None
     if axes is None:
-        return torch.sum(input)
-    return torch.sum(input, dim=axes, keepdim=keepdims)
+        return torch.sum(input, dtype=dtype)
+    return torch.sum(input, dim=axes, keepdim=keepdims, dtype=dtype)
 
 
 def convert_quantization_axis_to_reduce_axis(input, axis):
