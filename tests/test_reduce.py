@@ -241,6 +241,15 @@ def test_reduce_sum_integers_sum_in_int64():
     assert out.dtype == torch.int64 and out.item() == 200
 
 
+@pytest.mark.parametrize("dtype", FLOAT8)
+@pytest.mark.parametrize("axis", [None, 1])
+def test_reduce_sum_float8_accumulates_in_the_default_dtype(dtype, axis):
+    x = (torch.randn(3, 16) * 4).to(dtype)
+    out = reduce_sum(x, axis=axis)
+    assert out.dtype == torch.get_default_dtype()
+    assert torch.equal(out, reduce_sum(x.float(), axis=axis))
+
+
 def test_reduce_sum_refuses_bad_input():
     with pytest.raises(ValueError, match="reduce_sum: axis 3 is out of range for a tensor of rank 2"):
         reduce_sum(torch.ones(2, 2), axis=3)
