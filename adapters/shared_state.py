@@ -23,7 +23,7 @@ from sharedquant.core.groups import SHARED_PATTERNS, Group
 from sharedquant.core.reduce import round_up_to_fp32
 from sharedquant.core.state import UNSET, SharedAmax
 
-from .modules import discover_groups, quantizer_attr, walk_modules
+from .modules import CONTAINERS, discover_groups, quantizer_attr, walk_modules
 from .quantizer import TensorQuantizer
 from .tying import is_tied, keep_fp32_, tie_, untie_
 
@@ -151,7 +151,8 @@ class SharedQuantState(nn.Module, ABC):
         Raises:
             ValueError: a module already belongs to another state of this class, or a bad regex.
         """
-        groups, modules = discover_groups(model, cls.default_patterns if patterns is None else patterns, cls.target_quantizer_kind)
+        patterns = cls.default_patterns if patterns is None else patterns
+        groups, modules = discover_groups(model, patterns, cls.target_quantizer_kind, where=f"{cls.__name__}.attach")
         return sum(created for _, created in _attach_groups(cls, groups, modules))
 
     @classmethod
@@ -191,7 +192,8 @@ class SharedQuantState(nn.Module, ABC):
         Raises:
             ValueError: the members of a group disagree (named with their values).
         """
-        groups, modules = discover_groups(model, cls.default_patterns if patterns is None else patterns, cls.target_quantizer_kind)
+        patterns = cls.default_patterns if patterns is None else patterns
+        groups, modules = discover_groups(model, patterns, cls.target_quantizer_kind, where=f"{cls.__name__}.restore")
         probes = [_Probe(group, modules, cls) for group in groups]
         values = {attr: _restore_values(probes, attr) for attr in cls.managed_attrs}
         for position, (state, _) in enumerate(_attach_groups(cls, groups, modules)):
@@ -227,7 +229,13 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
 
     @global_amax.setter
     def global_amax(self, value) -> None:
-        # Replacing the tensor re-ties the members, so none keeps the old value.
+        # Replacing the tensor re-ties the members, so none keeps the old value. An
+        # unset state shares nothing: its members keep their own, unguarded copy.
+        if value is None:
+            current = self.global_amax
+            for quantizer in self.member_quantizers():
+                if is_tied(quantizer, "_global_amax", current):
+                    untie_(quantizer, "_global_amax")
         value = None if value is None else round_up_to_fp32(torch.as_tensor(value).detach().reshape(()))
         self._set_value("_global_amax", value)
         self.tie_member_quantizers()
@@ -402,7 +410,7 @@ def _attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules
     owner: dict[int, SharedQuantState] = {}
     for module in modules.values():
         for state in module._modules.get(SHARED_STATES, ()) or ():
-            if isinstance(state, cls):
+            if _same_kind(state, cls):
                 owner.update((id(m), state) for m in state.members)
     plan = []
     for group in groups:
@@ -412,13 +420,26 @@ def _attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules
             plan.append((group, members, None))
             continue
         existing = next(iter(owners.values())) if len(owners) == 1 else None
-        if existing is None or tuple(map(id, existing.members)) != tuple(map(id, members)):
+        if (
+            existing is None
+            or not isinstance(existing, cls)
+            or tuple(map(id, existing.members)) != tuple(map(id, members))
+        ):
             claimed = next(m for m in group.members if id(modules[m]) in owner)
+            holder = type(owner[id(modules[claimed])]).__name__
             raise ValueError(
-                f"attach: {claimed!r} already belongs to another {cls.__name__} group; a module cannot be "
-                f"claimed by two states of the same kind (new group {group.parent or '<root>'!r} {group.key!r})"
+                f"attach: {claimed!r} already belongs to a {holder} group; a module cannot be claimed by two "
+                f"states of the same kind (new {cls.__name__} group {group.parent or '<root>'!r} {group.key!r})"
             )
         plan.append((group, members, existing))
+    for group, _, existing in plan:
+        if existing is None and isinstance(modules[group.parent], CONTAINERS):
+            # Only the root can be left: find_groups climbs past every other container.
+            raise ValueError(
+                f"attach: group {group.key!r} ({', '.join(group.members)}) has no parent that can own a "
+                f"state: the model itself is a {type(modules[group.parent]).__name__}; attach to a module "
+                "that contains it"
+            )
     root = modules[""]
     if plan and not root.__dict__.get(_LOAD_CHECK):
         root.register_load_state_dict_pre_hook(_check_incoming_agree)
@@ -435,6 +456,13 @@ def _attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules
         state.install_hooks()
         result.append((state, True))
     return result
+
+
+def _same_kind(state: SharedQuantState, cls: type[SharedQuantState]) -> bool:
+    """Whether ``state`` and states of ``cls`` would tie the same buffer of the same quantizer."""
+    return state.target_quantizer_kind == cls.target_quantizer_kind and not set(state.managed_attrs).isdisjoint(
+        cls.managed_attrs
+    )
 
 
 def _register(parent: nn.Module, state: SharedQuantState) -> None:
