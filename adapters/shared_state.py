@@ -30,7 +30,6 @@ from .tying import is_tied, keep_fp32_, tie_, untie_
 __all__ = ["SHARED_STATES", "SharedQuantState", "SharedWeightGlobalAmaxState", "iter_shared_quant_states"]
 
 SHARED_STATES = "_shared_quant_states"
-_LOAD_CHECK = "_shared_quant_load_check"
 
 
 class SharedQuantState(nn.Module, ABC):
@@ -440,10 +439,6 @@ def _attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules
                 f"state: the model itself is a {type(modules[group.parent]).__name__}; attach to a module "
                 "that contains it"
             )
-    root = modules[""]
-    if plan and not root.__dict__.get(_LOAD_CHECK):
-        root.register_load_state_dict_pre_hook(_check_incoming_agree)
-        root.__dict__[_LOAD_CHECK] = True
     result = []
     for group, members, existing in plan:
         if existing is not None:
@@ -471,30 +466,31 @@ def _register(parent: nn.Module, state: SharedQuantState) -> None:
     states = parent._modules.get(SHARED_STATES)
     if states is None:
         states = parent._modules[SHARED_STATES] = nn.ModuleList()
+        # On the parent, not the root: a load into any module that holds the group
+        # (the whole model, one layer, a wrapper around either) must run the check.
+        parent.register_load_state_dict_pre_hook(_check_incoming_agree)
     states._modules[str(len(states._modules))] = state
 
 
-def _check_incoming_agree(root, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """Before a model with tied groups loads: each group's incoming values must agree.
+def _check_incoming_agree(parent, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Before a parent's tied groups load: each group's incoming values must agree.
 
     Loading copies each member's entry into the one shared tensor, so disagreeing
     entries would silently leave the last one for all. Instead those members are
     untied (each loads its own value) and the disagreement is reported like any
-    other load error. Registered once on the root ``attach`` was called with.
+    other load error.
     """
-    for parent_name, parent in walk_modules(root):
-        for state in parent._modules.get(SHARED_STATES, ()) or ():
-            group = state.group
-            strip = f"{group.parent}." if group.parent else ""
-            at = prefix + (f"{parent_name}." if parent_name else "")
-            relative = Group(group.key, parent_name, tuple(m.removeprefix(strip) for m in group.members))
-            qattr = quantizer_attr(state.target_quantizer_kind)
-            for attr in state.managed_attrs:
-                keys = [lifecycle.buffer_key(m, qattr, attr) for m in relative.members]
-                incoming = {key: state_dict[at + key] for key in keys if at + key in state_dict}
-                try:
-                    lifecycle.restore((relative,), incoming, quantizer=qattr, attr=attr)
-                except ValueError as err:
-                    error_msgs.append(str(err))
-                    for quantizer in state.member_quantizers():
-                        untie_(quantizer, attr)
+    for state in parent._modules.get(SHARED_STATES, ()) or ():
+        group = state.group
+        strip = f"{group.parent}." if group.parent else ""
+        relative = Group(group.key, group.parent, tuple(m.removeprefix(strip) for m in group.members))
+        qattr = quantizer_attr(state.target_quantizer_kind)
+        for attr in state.managed_attrs:
+            keys = [lifecycle.buffer_key(m, qattr, attr) for m in relative.members]
+            incoming = {key: state_dict[prefix + key] for key in keys if prefix + key in state_dict}
+            try:
+                lifecycle.restore((relative,), incoming, quantizer=qattr, attr=attr)
+            except ValueError as err:
+                error_msgs.append(str(err))
+                for quantizer in state.member_quantizers():
+                    untie_(quantizer, attr)
