@@ -1,8 +1,9 @@
 """Worker processes for tests/test_distributed.py: one rank of a real gloo job each.
 
-Run as ``python tests/_dist_workers.py SCENARIO RANK WORLD RUNDIR SYNC_TIMEOUT_S``.
-Torch is imported once per worker and every check of a scenario runs in the same
-process group. Each surviving rank writes ``RUNDIR/rank<R>.json`` (temp name, then
+The test forks workers from a forkserver that imported this module (torch
+included) once, and calls ``run_rank``; by hand: ``python tests/_dist_workers.py
+SCENARIO RANK WORLD RUNDIR SYNC_TIMEOUT_S``. Every check of a scenario runs in the
+same process group. Each surviving rank writes ``RUNDIR/rank<R>.json`` (temp name, then
 rename) and exits; the parent asserts on those files and kills whatever outlives
 its hard timeout. Rendezvous needs no guessed port: rank 0 opens the store on a
 port the OS picks and publishes it in ``RUNDIR/port``.
@@ -33,7 +34,7 @@ from sharedquant.core import SHARED_PATTERNS_ACROSS_EXPERTS, finalize, find_grou
 
 # Generous for the healthy path (ranks compete for 2 cores); the failure checks rely
 # on the short per-group sync timeout instead.
-RENDEZVOUS_TIMEOUT = timedelta(seconds=60)
+RENDEZVOUS_TIMEOUT = timedelta(seconds=120)
 ABSENT_TIMEOUT = timedelta(seconds=3)
 NUM_LAYERS, NUM_EXPERTS = 3, 4
 NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
@@ -357,6 +358,15 @@ def main(argv: list[str]) -> None:
     # result is on disk, so leave without it.
     sys.stdout.flush()
     os._exit(0)
+
+
+def run_rank(scenario: str, rank: int, world: int, rundir: str, sync_timeout_s: float, env: dict) -> None:
+    """Entry point of a worker forked by the test: log to ``RUNDIR/log<R>.txt``, then run."""
+    log = os.open(os.path.join(rundir, f"log{rank}.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ.update(env)
+    main([scenario, str(rank), str(world), rundir, str(sync_timeout_s)])
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
 """sync_shared_amax on real torch.distributed process groups (gloo on 127.0.0.1).
 
-Every job is a set of real processes running tests/_dist_workers.py; all jobs start
-together (they spend most of their time importing torch or waiting on a timeout)
-and each test waits for its own, under a hard deadline after which every process is
-killed: the suite cannot hang. Workers report through JSON files; assertions are
-made here.
+Every job is a set of real processes (tests/_dist_workers.py, forked from a server
+that imported torch once); all jobs start together, since most of their time is
+spent waiting on each other or on a timeout, and each test waits for its own under
+a hard deadline after which every process is killed: the suite cannot hang.
+Workers report through JSON files; assertions are made here.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,8 +23,14 @@ import torch
 from sharedquant.adapters.distributed import SYNC_ERROR, ParallelState, resolve_group, sync_shared_amax
 from sharedquant.core import finalize, find_groups
 
-WORKER = Path(__file__).with_name("_dist_workers.py")
-HARD_DEADLINE_S = 150  # far above a healthy run; only a hang reaches it
+sys.path.insert(0, str(Path(__file__).parent))
+import _dist_workers  # noqa: E402
+
+# Workers fork from a server that imported torch and the workers' module once:
+# eleven fresh interpreters would each spend seconds importing torch on 2 cores.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["_dist_workers"])
+HARD_DEADLINE_S = 240  # far above a healthy run on a loaded machine; only a hang reaches it
 FAILURE_SYNC_TIMEOUT_S = 3
 HEALTHY_SYNC_TIMEOUT_S = 60
 UNSET = float("-inf")
@@ -47,29 +53,28 @@ class Job:
         env = _loopback_env()
         self.procs = {}
         for rank in ranks:
-            log = open(rundir / f"log{rank}.txt", "w")
-            command = [sys.executable, str(WORKER), scenario, str(rank), str(world), str(rundir), str(sync_timeout_s)]
-            self.procs[rank] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-            log.close()
+            args = (scenario, rank, world, str(rundir), sync_timeout_s, env)
+            self.procs[rank] = FORKSERVER.Process(target=_dist_workers.run_rank, args=args, daemon=True)
+            self.procs[rank].start()
         self.deadline = time.monotonic() + HARD_DEADLINE_S
         self._results = None
 
     def kill(self) -> None:
         for proc in self.procs.values():
-            if proc.poll() is None:
+            if proc.is_alive():
                 proc.kill()
-                proc.wait()
+            proc.join()
 
     def logs(self) -> str:
-        return "\n".join(f"--- rank {r}:\n{(self.rundir / f'log{r}.txt').read_text()[-3000:]}" for r in self.procs)
+        logs = {r: self.rundir / f"log{r}.txt" for r in self.procs}
+        return "\n".join(f"--- rank {r}:\n{p.read_text()[-3000:] if p.exists() else ''}" for r, p in logs.items())
 
     def results(self) -> dict[int, dict | None]:
         """Each rank's report (``None`` for a rank that left none); fails on a hang."""
         if self._results is None:
             for proc in self.procs.values():
-                try:
-                    proc.wait(timeout=max(self.deadline - time.monotonic(), 0.1))
-                except subprocess.TimeoutExpired:
+                proc.join(timeout=max(self.deadline - time.monotonic(), 0.1))
+                if proc.is_alive():
                     self.kill()
                     pytest.fail(f"{self.scenario}: ranks still running after {HARD_DEADLINE_S}s\n{self.logs()}")
             self._results = {rank: self._read(rank) for rank in self.procs}
@@ -82,8 +87,8 @@ class Job:
         path = self.rundir / f"rank{rank}.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    def returncode(self, rank: int) -> int | None:
-        return self.procs[rank].returncode
+    def exitcode(self, rank: int) -> int | None:
+        return self.procs[rank].exitcode
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +207,7 @@ def test_ranks_holding_different_groups_all_refuse(jobs):
 def test_a_rank_dying_mid_sync_fails_the_others_with_the_sync_error(jobs):
     job = jobs["dies"]
     results = job.results()
-    assert results[1] is None and job.returncode(1) == 3, job.logs()  # died between its EP and TP collectives
+    assert results[1] is None and job.exitcode(1) == 3, job.logs()  # died between its EP and TP collectives
     error = results[0]["error"]
     assert (error["type"], error["message"]) == ("RuntimeError", SYNC_ERROR)
     assert error["cause"], "the gloo failure must be chained as the cause"
