@@ -148,6 +148,7 @@ def _set_ungrouped_global_amax(slots: list[_Slot]) -> int:
         if s.attr == "weight_quantizer"
         and s.quantizer.is_nvfp4_static
         and s.quantizer.amax is not None
+        and not s.quantizer.amax.is_meta  # no value to take (a model built on the meta device)
         and not is_tied(s.quantizer, "_global_amax")
     ]
     own = _global_amax_entries((), singles, {s.amax_key: s.quantizer.amax for s in singles})
