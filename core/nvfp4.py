@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reduce import is_traced, reduce_block_amax
+from .reduce import _FLOAT8, is_traced, reduce_block_amax
 
 __all__ = [
     "E2M1_MAX",
@@ -88,6 +88,8 @@ def nvfp4_global_scale(global_amax: torch.Tensor) -> torch.Tensor:
 
 def _encode(x: torch.Tensor, global_scale: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpacked 4-bit codes (uint8, same shape as ``x``) and fp8 block scales."""
+    if x.dtype in _FLOAT8:  # torch has no float8 arithmetic; every float8 value is exact in fp32
+        x = x.float()
     block_amax = reduce_block_amax(x, {-1: block_size}).float()
     block_scale = block_amax / (E2M1_MAX * global_scale)
     block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
