@@ -183,6 +183,17 @@ def test_fake_quant_error_is_within_half_a_step_of_the_block():
     assert ((fake - x).abs() <= step * 1.0 + 1e-7).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_input_quantizes_as_its_exact_fp32_values(dtype):
+    x = (torch.randn(4, 32) * 8).to(dtype)
+    quantized, widened = nvfp4_quantize(x, 40.0), nvfp4_quantize(x.float(), 40.0)
+    assert torch.equal(quantized.packed, widened.packed)
+    assert torch.equal(quantized.block_scale.view(torch.uint8), widened.block_scale.view(torch.uint8))
+    fake = nvfp4_fake_quant(x, 40.0)
+    assert fake.dtype == dtype
+    assert torch.equal(fake.float(), nvfp4_fake_quant(x.float(), 40.0).to(dtype).float())
+
+
 def test_a_smaller_block_size_is_honoured():
     x = torch.randn(2, 8)
     quantized = nvfp4_quantize(x, x.abs().max(), block_size=4)
