@@ -119,10 +119,11 @@ def finalize(
     return SharedAmax(groups=groups, global_amax=values)
 
 
-def _fingerprint(state: SharedAmax) -> list[float]:
+@torch.compiler.assume_constant_result  # a function of static metadata: dynamo cannot trace crc32
+def _fingerprint(keys: tuple) -> list[float]:
     """Six floats (exact in fp32) that a MAX all-reduce leaves unchanged iff every rank has the same groups."""
-    digest = zlib.crc32(repr(state.keys).encode())
-    high, low, count = float(digest >> 16), float(digest & 0xFFFF), float(len(state.groups))
+    digest = zlib.crc32(repr(keys).encode())
+    high, low, count = float(digest >> 16), float(digest & 0xFFFF), float(len(keys))
     return [high, -high, low, -low, count, -count]
 
 
@@ -144,7 +145,7 @@ def sync(state: SharedAmax, all_reduce: Callable[[torch.Tensor], torch.Tensor]) 
         RuntimeError: (eagerly) the ranks disagree on the groups.
     """
     values = state.global_amax
-    fingerprint = _fingerprint(state)
+    fingerprint = _fingerprint(state.keys)
     packed = torch.cat([values, torch.tensor(fingerprint, dtype=values.dtype, device=values.device)])
     reduced = all_reduce(packed)
     if not is_traced(reduced):
