@@ -145,8 +145,10 @@ def sync(state: SharedAmax, all_reduce: Callable[[torch.Tensor], torch.Tensor]) 
         RuntimeError: (eagerly) the ranks disagree on the groups.
     """
     values = state.global_amax
+    # fp16 / bf16 cannot hold the fingerprint (up to 65535) exactly; MAX commutes with widening
+    packed_dtype = torch.promote_types(values.dtype, torch.float32)
     fingerprint = _fingerprint(state.keys)
-    packed = torch.cat([values, torch.tensor(fingerprint, dtype=values.dtype, device=values.device)])
+    packed = torch.cat([values.to(packed_dtype), torch.tensor(fingerprint, dtype=packed_dtype, device=values.device)])
     reduced = all_reduce(packed)
     if not is_traced(reduced):
         if reduced.shape != packed.shape:
@@ -156,7 +158,7 @@ def sync(state: SharedAmax, all_reduce: Callable[[torch.Tensor], torch.Tensor]) 
                 "sync: ranks hold different shared-quant groups (their keys or counts differ); "
                 "every rank must attach the same patterns to the same module tree"
             )
-    return state.replace(global_amax=reduced[: values.numel()])
+    return state.replace(global_amax=reduced[: values.numel()].to(values.dtype))
 
 
 def restore(
