@@ -190,6 +190,17 @@ def test_sync_refuses_ranks_that_hold_different_groups():
         assert re.search(r"sync: ranks hold different shared-quant groups", str(result))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_sync_keeps_a_state_cast_to_another_dtype(dtype):
+    # tree_map may cast the state; the group fingerprint must still survive the packing.
+    state = SharedAmax(GROUPS, torch.tensor([2.0, UNSET], dtype=dtype))
+    synced = sync(state, lambda packed: packed.clone())
+    assert synced.global_amax.dtype == dtype
+    assert synced.global_amax.tolist() == [2.0, UNSET]
+    results, _ = run_ranks([state, SharedAmax(GROUPS, torch.tensor([UNSET, 0.5], dtype=dtype))])
+    assert [r.global_amax.tolist() for r in results] == [[2.0, 0.5], [2.0, 0.5]]
+
+
 def test_sync_refuses_a_reducer_that_changes_the_shape():
     with pytest.raises(RuntimeError, match=r"sync: all_reduce returned shape \(3,\), expected \(8,\)"):
         sync(SharedAmax(GROUPS, torch.tensor([1.0, 2.0])), lambda packed: packed[:3])
