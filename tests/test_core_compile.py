@@ -13,7 +13,7 @@ import torch._dynamo
 from torch._dynamo.backends.registry import lookup_backend
 
 from sharedquant.core.groups import SHARED_PATTERNS, find_groups
-from sharedquant.core.lifecycle import finalize, restore
+from sharedquant.core.lifecycle import finalize, restore, sync
 from sharedquant.core.nvfp4 import nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
 from sharedquant.core.reduce import reduce_amax, reduce_block_amax, reduce_sum
 from sharedquant.core.transforms import find_quantized, global_amax_entries, with_singletons
@@ -120,6 +120,11 @@ def test_restore_compiles_cleanly():
 
     fn = lambda buffers: restore(GROUPS, buffers)  # noqa: E731
     assert_compiles_cleanly(fn, (entries(2.0),), (entries(5.0),))
+
+
+def test_sync_compiles_cleanly():
+    fn = lambda buffers: sync(finalize(GROUPS, buffers), lambda packed: packed * 1)  # noqa: E731 - a one-rank reducer
+    assert_compiles_cleanly(fn, (amax_buffers(1.0),), (amax_buffers(3.0),))
 
 
 # --- NVFP4 --------------------------------------------------------------------------------
