@@ -9,7 +9,7 @@ whole before anything uses it, so a typo fails at parse time, not after calibrat
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .groups import compile_patterns
@@ -71,9 +71,24 @@ def update_quant_cfg_with_kv_cache_quant(quant_cfg: dict[str, Any], kv_cache_qua
 
     Returns:
         The new config; neither argument is modified.
+
+    Raises:
+        TypeError: ``quant_cfg`` is not a mapping, or either list of entries is not a
+            list (e.g. the legacy ``{pattern: cfg}`` dict format, whose keys would
+            otherwise be appended as if they were entries).
     """
+    fn = "update_quant_cfg_with_kv_cache_quant"
+    if not isinstance(quant_cfg, Mapping):
+        raise TypeError(f"{fn}: quant_cfg must be a mapping with 'quant_cfg' and 'algorithm', got {type(quant_cfg).__name__}")
+    if isinstance(kv_cache_quant_cfg, (Mapping, str)) or not isinstance(kv_cache_quant_cfg, Iterable):
+        raise TypeError(
+            f"{fn}: kv_cache_quant_cfg must be a list of quantizer entries (e.g. kv_cfg['quant_cfg']), "
+            f"got {type(kv_cache_quant_cfg).__name__}"
+        )
     updated = copy.deepcopy(quant_cfg)
     inner = updated.get("quant_cfg") or [{"quantizer_name": "*", "enable": False}]
+    if not isinstance(inner, (list, tuple)):
+        raise TypeError(f"{fn}: quant_cfg['quant_cfg'] must be a list of quantizer entries, got {type(inner).__name__}")
     updated["quant_cfg"] = list(inner) + copy.deepcopy(list(kv_cache_quant_cfg))
     if not updated.get("algorithm"):
         updated["algorithm"] = "max"
