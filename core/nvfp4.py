@@ -155,8 +155,12 @@ def nvfp4_dequantize(
         ``[..., C]`` in ``dtype``.
 
     Raises:
+        TypeError: an argument is not a tensor.
         ValueError: mismatched shapes or a non-uint8 ``packed``.
     """
+    for name, value in (("packed", packed), ("block_scale", block_scale), ("global_scale", global_scale)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"nvfp4_dequantize: {name} must be a tensor, got {type(value).__name__}")
     if packed.dtype != torch.uint8:
         raise ValueError(f"nvfp4_dequantize: packed must be uint8, got {packed.dtype}")
     columns = 2 * packed.shape[-1] if packed.dim() else 0
