@@ -58,6 +58,24 @@ def test_kv_cfg_may_be_any_iterable_of_entries():
     assert updated["quant_cfg"] == [DISABLE_ALL] + KV
 
 
+@pytest.mark.parametrize(
+    ("quant_cfg", "kv", "match"),
+    [
+        (
+            {"quant_cfg": {"*weight_quantizer": {"num_bits": 8}}, "algorithm": "max"},
+            KV,
+            r"quant_cfg\['quant_cfg'\] must be a list of quantizer entries, got dict",
+        ),
+        ({"quant_cfg": []}, {"*[kv]_bmm_quantizer": {"num_bits": (4, 3)}}, "kv_cache_quant_cfg must be a list of quantizer entries .*, got dict"),
+        ({"quant_cfg": []}, None, "kv_cache_quant_cfg must be a list of quantizer entries .*, got NoneType"),
+        ([DISABLE_ALL], KV, "quant_cfg must be a mapping with 'quant_cfg' and 'algorithm', got list"),
+    ],
+)
+def test_legacy_dict_configs_are_refused_not_flattened_into_their_keys(quant_cfg, kv, match):
+    with pytest.raises(TypeError, match=f"update_quant_cfg_with_kv_cache_quant: {match}"):
+        update_quant_cfg_with_kv_cache_quant(quant_cfg, kv)
+
+
 # --- resolve_patterns ---------------------------------------------------------------------
 
 

@@ -277,6 +277,14 @@ def test_dequantize_refuses_mismatched_parts():
         nvfp4_dequantize(quantized.packed, quantized.block_scale, torch.ones(2))
 
 
+def test_dequantize_refuses_non_tensors():
+    quantized = nvfp4_quantize(torch.randn(2, 32), 1.0)
+    with pytest.raises(TypeError, match="nvfp4_dequantize: global_scale must be a tensor, got float"):
+        nvfp4_dequantize(quantized.packed, quantized.block_scale, 0.5)
+    with pytest.raises(TypeError, match="nvfp4_dequantize: packed must be a tensor, got list"):
+        nvfp4_dequantize([1, 2], quantized.block_scale, quantized.global_scale)
+
+
 def test_dequantize_accepts_float_block_scales():
     quantized = nvfp4_quantize(torch.randn(2, 32), 1.0)
     as_float = nvfp4_dequantize(quantized.packed, quantized.block_scale.float(), quantized.global_scale)
