@@ -16,6 +16,7 @@ this file only reads and writes files. What it guarantees:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,8 +47,9 @@ __all__ = [
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1}  # fmt: skip
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
@@ -54,8 +57,7 @@ class CheckpointError(ValueError):
     """A checkpoint on disk that cannot be read or written as asked; the message names the path."""
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """A tensor's entry in its shard header; ``start`` and ``end`` are absolute file offsets."""
 
     shard: str
@@ -83,12 +85,10 @@ def _read_header(path: Path, shard: str) -> dict[str, TensorInfo]:
     base, tensors, data_end = 8 + length, {}, 0
     for key, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            expected = numel * _DTYPE_BYTES.get(dtype, 0)
-            if not 0 <= begin <= end or (dtype in _DTYPE_BYTES and end - begin != expected):
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            known = _DTYPES.get(dtype)
+            # math.prod refuses non-numbers; a float dimension gives a float product that differs
+            if not 0 <= begin <= end or (known is not None and end - begin != math.prod(shape) * known.itemsize):
                 raise ValueError
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}") from err
@@ -115,7 +115,10 @@ class Checkpoint:
         self.path, self.root, self.shards, self.index = path, root, tuple(shards), index
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
-            self.tensors.update(_read_header(root / shard, shard))
+            for key, info in _read_header(root / shard, shard).items():
+                if self.tensors.setdefault(key, info) is not info:
+                    raise CheckpointError(f"{root}: {key!r} is in two shards, {self.tensors[key].shard} and {shard}")
+        self.position = {shard: position for position, shard in enumerate(self.shards)}
         self.bytes_read = 0
         self._handles: dict[str, object] = {}
 
@@ -161,9 +164,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if missing:
             raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
         checkpoint = Checkpoint(path, path, shards, index)
-        stray = [key for key, shard in index["weight_map"].items() if checkpoint.tensors.get(key, None) is None]
-        if stray:
-            raise CheckpointError(f"{path / INDEX}: maps {stray[0]!r} to {index['weight_map'][stray[0]]}, which lacks it")
+        for key, shard in index["weight_map"].items():
+            if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
+                raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
         return checkpoint
     if (path / SINGLE).exists():
         return Checkpoint(path, path, [SINGLE], None)
@@ -184,10 +187,15 @@ class Inspection:
 
 
 def _read_scalar(checkpoint: Checkpoint, key: str) -> float:
-    tensor = checkpoint.read(key)
-    if tensor.numel() != 1 or not tensor.is_floating_point():
-        raise CheckpointError(f"{checkpoint.path}: {key!r} should hold one float scale, got {tensor.dtype} {list(tensor.shape)}")
-    return float(tensor.reshape(()).float())
+    info = checkpoint.tensors[key]
+    if math.prod(info.shape) != 1 or not getattr(_DTYPES.get(info.dtype), "is_floating_point", False):
+        raise CheckpointError(f"{checkpoint.path}: {key!r} should hold one float scale, got {info.dtype} {list(info.shape)}")
+    return checkpoint.read(key).item()
+
+
+def _scalar_like(value: float, info: TensorInfo) -> torch.Tensor:
+    """``value`` in the dtype and shape of an existing scale entry (exact: it is one of the stored values)."""
+    return torch.tensor(value, dtype=torch.float64).to(_DTYPES[info.dtype]).reshape(info.shape)
 
 
 def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScales:
@@ -227,7 +235,7 @@ def _location(checkpoint: Checkpoint, fmt: Format, fqn: str) -> tuple[int, int]:
     """Where a member's scale lies: reading in file order keeps page-ins sequential."""
     keys = checkpoint.tensors
     info = keys.get(member_key(fqn, fmt.scale)) or keys[member_key(fqn, fmt.fallback)]
-    return checkpoint.shards.index(info.shard), info.start
+    return checkpoint.position[info.shard], info.start
 
 
 def inspect_checkpoint(path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS) -> Inspection:
@@ -262,10 +270,6 @@ def _check_out(checkpoint: Checkpoint, out: Path, force: bool) -> None:
         raise CheckpointError(f"{out.parent}: no such directory to create --out in")
 
 
-def _tensor_like(value: float, info: TensorInfo, reference: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32).to(reference.dtype).reshape(info.shape)
-
-
 class _Writer:
     """Byte patches into the copied shards, then whole rewrites of the shards that gain keys."""
 
@@ -281,6 +285,9 @@ class _Writer:
         with open(self.staging / info.shard, "r+b") as handle:
             handle.seek(info.start)
             handle.write(data)
+
+    def patch_scalar(self, key: str, value: float) -> None:
+        self.patch(key, _scalar_like(value, self.checkpoint.tensors[key]))
 
     def add(self, key: str, beside: str, tensor: torch.Tensor) -> None:
         self.added.setdefault(self.checkpoint.tensors[beside].shard, {})[key] = tensor
@@ -306,24 +313,22 @@ class _Writer:
 
 def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
     keys = {name: member_key(fqn, getattr(fmt, name)) for name in ("packed", "block_scale", "scale")}
-    scale = checkpoint.read(keys["scale"])
-    shared_tensor = _tensor_like(shared, checkpoint.tensors[keys["scale"]], scale)
     quantized, exact = requantize(
         checkpoint.read(keys["packed"]),
         checkpoint.read(keys["block_scale"]),
-        weight_scale_2(scale, fmt),
-        weight_scale_2(shared_tensor, fmt),
+        weight_scale_2(checkpoint.read(keys["scale"]), fmt),
+        weight_scale_2(_scalar_like(shared, checkpoint.tensors[keys["scale"]]), fmt),
     )
     writer.patch(keys["packed"], quantized.packed)
     writer.patch(keys["block_scale"], quantized.block_scale)
-    writer.patch(keys["scale"], shared_tensor)
+    writer.patch_scalar(keys["scale"], shared)
     return exact
 
 
 def _set_scale(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> None:
     key = member_key(fqn, fmt.scale)
     if key in checkpoint.tensors:
-        writer.patch(key, _tensor_like(shared, checkpoint.tensors[key], checkpoint.read(key)))
+        writer.patch_scalar(key, shared)
     else:  # quantizer state without a global amax yet: it gains one
         writer.add(key, member_key(fqn, fmt.fallback), torch.tensor(shared, dtype=torch.float32))
 
@@ -345,26 +350,25 @@ def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | Non
             if writer is not None and not _requantize_member(checkpoint, writer, fmt, fqn, report.shared_scale):
                 result.inexact.append(fqn)
         if progress is not None:
-            progress(done + 1, len(jobs), fqn)
+            progress(done + 1, len(jobs), f"reconciled {fqn}")
     for report in result.inspection.reports:
         for fqn in report.input_changed:
             result.inputs_unified.append(fqn)
             if writer is not None:
-                key = member_key(fqn, fmt.input_scale)
-                writer.patch(key, _tensor_like(report.shared_input_scale, checkpoint.tensors[key], checkpoint.read(key)))
+                writer.patch_scalar(member_key(fqn, fmt.input_scale), report.shared_input_scale)
     checkpoint.release()
 
 
-def _copy_inputs(checkpoint: Checkpoint, staging: Path) -> None:
+def _copy_inputs(checkpoint: Checkpoint, staging: Path, progress) -> None:
     """Copy the shards and, from a directory, every other file (the index too, rewritten later if needed)."""
-    if checkpoint.path.is_file():
-        shutil.copy2(checkpoint.path, staging / checkpoint.path.name)
-        return
-    for entry in sorted(checkpoint.root.iterdir()):
+    entries = [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.root.iterdir())
+    for done, entry in enumerate(entries):
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, staging / entry.name, symlinks=True)
         else:
             shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
+        if progress is not None:
+            progress(done + 1, len(entries), f"copied {entry.name}")
 
 
 def reconcile_checkpoint(
@@ -384,7 +388,8 @@ def reconcile_checkpoint(
         patterns: grouping regexes (``core.find_groups``).
         force: replace an existing ``out``.
         dry_run: compute and return the changes, write nothing.
-        progress: called as ``progress(done, total, fqn)`` after each changed member.
+        progress: called as ``progress(done, total, what)`` after each copied file and each
+            changed member.
 
     Returns:
         A ``Reconciliation`` listing the changed members.
@@ -404,7 +409,7 @@ def reconcile_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         shutil.copymode(checkpoint.root, staging)  # mkdtemp makes it private; the output should not be
-        _copy_inputs(checkpoint, staging)
+        _copy_inputs(checkpoint, staging, progress)
         writer = _Writer(checkpoint, staging)
         _apply(checkpoint, result, writer, progress)
         writer.finish()

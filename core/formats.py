@@ -101,11 +101,13 @@ def member_key(fqn: str, suffix: str) -> str:
     return f"{fqn}.{suffix}" if fqn else suffix
 
 
-def _member_of(key: str, suffix: str) -> str | None:
-    if key == suffix:
-        return ""
-    if key.endswith("." + suffix):
-        return key[: -len(suffix) - 1]
+def _member_of(key: str, suffixes: tuple[str, ...]) -> str | None:
+    """The module a key belongs to when it ends in one of ``suffixes`` (``""``: the root)."""
+    for suffix in suffixes:
+        if key == suffix:
+            return ""
+        if key.endswith(suffix) and key[-len(suffix) - 1] == ".":
+            return key[: -len(suffix) - 1]
     return None
 
 
@@ -117,10 +119,12 @@ def detect_format(keys: Iterable[str]) -> Format:
             example key of each).
     """
     found: dict[str, str] = {}
+    candidates = [(fmt.name, fmt.identifying) for fmt in FORMATS]
     for key in keys:
-        for fmt in FORMATS:
-            if fmt.name not in found and any(_member_of(key, s) is not None for s in fmt.identifying):
-                found[fmt.name] = key
+        for name, suffixes in candidates:
+            # endswith on a tuple is one C call: a quick filter before the exact check
+            if key.endswith(suffixes) and name not in found and _member_of(key, suffixes) is not None:
+                found[name] = key
     if not found:
         expected = ", ".join(f"'*.{fmt.scale}'" for fmt in FORMATS)
         raise ValueError(f"detect_format: no key of a known NVFP4 format; expected keys ending in {expected}")
@@ -134,12 +138,12 @@ def detect_format(keys: Iterable[str]) -> Format:
 def find_members(keys: Iterable[str], fmt: Format) -> tuple[str, ...]:
     """FQNs of the modules that carry ``fmt``'s scale, in key order, each once."""
     members: dict[str, None] = {}
+    suffixes = fmt.identifying
     for key in keys:
-        for suffix in fmt.identifying:
-            fqn = _member_of(key, suffix)
+        if key.endswith(suffixes):
+            fqn = _member_of(key, suffixes)
             if fqn is not None:
                 members.setdefault(fqn, None)
-                break
     return tuple(members)
 
 
