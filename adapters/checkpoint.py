@@ -360,13 +360,17 @@ def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | Non
 
 
 def _copy_inputs(checkpoint: Checkpoint, staging: Path, progress) -> None:
-    """Copy the shards and, from a directory, every other file (the index too, rewritten later if needed)."""
+    """Copy the shards and, from a directory, every other file (the index too, rewritten later if needed).
+
+    Links are followed: a shard that is a link (as in the Hugging Face cache, into its blobs)
+    must become a file of its own, or patching the copy would write through into the input.
+    """
     entries = [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.root.iterdir())
     for done, entry in enumerate(entries):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, staging / entry.name, symlinks=True)
+        if entry.is_dir():
+            shutil.copytree(entry, staging / entry.name)
         else:
-            shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
+            shutil.copy2(entry, staging / entry.name)
         if progress is not None:
             progress(done + 1, len(entries), f"copied {entry.name}")
 

@@ -309,3 +309,17 @@ def test_open_checkpoint_refuses_a_truncated_file_and_an_index_with_a_missing_sh
     (tmp_path / "index" / ckpt.INDEX).write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(CheckpointError, match=r"names shard\(s\) that do not exist: gone.safetensors"):
         open_checkpoint(tmp_path / "index")
+
+
+def test_linked_shards_are_copied_and_their_targets_left_alone(variant, tmp_path):
+    directory, _ = variant
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"  # the layout of the Hugging Face cache
+    shutil.copytree(directory, blobs)
+    snapshot.mkdir()
+    for path in blobs.iterdir():
+        (snapshot / path.name).symlink_to(path)
+    before = digest(blobs)
+    result = reconcile_checkpoint(snapshot, tmp_path / "out")
+    assert result.requantized and digest(blobs) == before
+    assert not any(path.is_symlink() for path in (tmp_path / "out").iterdir())
+    assert inspect_checkpoint(tmp_path / "out").consistent
