@@ -140,12 +140,16 @@ def amax_buffers(draw, names, quantizer: str = "weight_quantizer", missing: bool
 def states(draw, groups=None) -> SharedAmax:
     """A SharedAmax over some groups, each value set (finite, positive) or unset."""
     groups = draw(disjoint_groups()) if groups is None else groups
-    values = draw(st.lists(st.one_of(st.just(UNSET), amax_values(torch.float32)), min_size=len(groups), max_size=len(groups)))
+    values = draw(
+        st.lists(st.one_of(st.just(UNSET), amax_values(torch.float32)), min_size=len(groups), max_size=len(groups))
+    )
     return SharedAmax(groups=groups, global_amax=torch.tensor(values, dtype=torch.float32).reshape(len(groups)))
 
 
 @st.composite
-def weights(draw, rows: tuple[int, int] = (1, 6), blocks: tuple[int, int] = (1, 3), dtypes=FLOAT_DTYPES) -> torch.Tensor:
+def weights(
+    draw, rows: tuple[int, int] = (1, 6), blocks: tuple[int, int] = (1, 3), dtypes=FLOAT_DTYPES
+) -> torch.Tensor:
     """A weight ``[rows, 16 * blocks]`` of random magnitude (10**-1.5 .. 10**1.5), some blocks zero."""
     dtype = draw(st.sampled_from(dtypes))
     shape = (draw(st.integers(*rows)), 16 * draw(st.integers(*blocks)))

@@ -36,7 +36,10 @@ def compiled(fn):
 
 
 @FEW
-@given(weights(dtypes=(torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.int8)), st.sampled_from([None, 0, -1, (0, 1)]))
+@given(
+    weights(dtypes=(torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.int8)),
+    st.sampled_from([None, 0, -1, (0, 1)]),
+)
 def test_compiled_reduce_amax_equals_eager(weight, axis):
     fn = lambda x: reduce_amax(x, axis=axis)  # noqa: E731 - axis is static
     assert bits(compiled(fn)(weight)) == bits(fn(weight))

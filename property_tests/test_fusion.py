@@ -1,4 +1,5 @@
-"""The fusion guarantee: with the library's shared global amax, quantizing the fused tensor == fusing the quantized members, bit for bit."""
+"""The fusion guarantee: with the library's shared global amax, quantizing the fused tensor
+equals fusing the quantized members, bit for bit."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def test_quantizing_the_fused_weight_equals_concatenating_quantized_members(case
         fused = nvfp4_quantize(torch.cat(members), global_amax[0])
         parts = [nvfp4_quantize(weight, value) for weight, value in zip(members, global_amax)]
         assert torch.equal(fused.packed, torch.cat([p.packed for p in parts]))
-        assert torch.equal(fused.block_scale.view(torch.uint8), torch.cat([p.block_scale.view(torch.uint8) for p in parts]))
+        assert torch.equal(
+            fused.block_scale.view(torch.uint8), torch.cat([p.block_scale.view(torch.uint8) for p in parts])
+        )
         assert all(torch.equal(fused.global_scale, p.global_scale) for p in parts)
 
 

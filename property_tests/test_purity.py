@@ -1,4 +1,5 @@
-"""Purity: every core call leaves its inputs as they were (values, storage, version), and its outputs own their memory."""
+"""Purity: every core call leaves its inputs as they were (values, storage, version counter),
+and what it returns owns its memory."""
 
 from __future__ import annotations
 
@@ -57,7 +58,10 @@ def call_purely(fn, *args, **kwargs):
     return result
 
 
-@given(weights(dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8)), st.sampled_from([None, 0, -1, (0, 1)]))
+@given(
+    weights(dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8)),
+    st.sampled_from([None, 0, -1, (0, 1)]),
+)
 def test_reductions_leave_their_input_untouched(weight, axis):
     for fn in (reduce_amax, reduce_sum):
         call_purely(fn, weight, axis=axis)

@@ -39,5 +39,7 @@ def test_vmap_nvfp4_equals_a_loop(stack, shared):
     mapped = torch.func.vmap(nvfp4_quantize)(stack, amax)
     parts = [nvfp4_quantize(w, a) for w, a in zip(stack, amax)]
     assert torch.equal(mapped.packed, torch.stack([p.packed for p in parts]))
-    assert torch.equal(mapped.block_scale.view(torch.uint8), torch.stack([p.block_scale.view(torch.uint8) for p in parts]))
+    assert torch.equal(
+        mapped.block_scale.view(torch.uint8), torch.stack([p.block_scale.view(torch.uint8) for p in parts])
+    )
     assert torch.equal(mapped.global_scale, torch.stack([p.global_scale for p in parts]))

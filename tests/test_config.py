@@ -22,7 +22,10 @@ DISABLE_ALL = {"quantizer_name": "*", "enable": False}
 
 
 def test_kv_entries_are_appended_to_a_deep_copy():
-    quant_cfg = {"quant_cfg": [{"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8}}], "algorithm": "smoothquant"}
+    quant_cfg = {
+        "quant_cfg": [{"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8}}],
+        "algorithm": "smoothquant",
+    }
     updated = update_quant_cfg_with_kv_cache_quant(quant_cfg, KV)
     assert updated["quant_cfg"] == quant_cfg["quant_cfg"] + KV
     assert updated["algorithm"] == "smoothquant"
@@ -66,7 +69,11 @@ def test_kv_cfg_may_be_any_iterable_of_entries():
             KV,
             r"quant_cfg\['quant_cfg'\] must be a list of quantizer entries, got dict",
         ),
-        ({"quant_cfg": []}, {"*[kv]_bmm_quantizer": {"num_bits": (4, 3)}}, "kv_cache_quant_cfg must be a list of quantizer entries .*, got dict"),
+        (
+            {"quant_cfg": []},
+            {"*[kv]_bmm_quantizer": {"num_bits": (4, 3)}},
+            "kv_cache_quant_cfg must be a list of quantizer entries .*, got dict",
+        ),
         ({"quant_cfg": []}, None, "kv_cache_quant_cfg must be a list of quantizer entries .*, got NoneType"),
         ([DISABLE_ALL], KV, "quant_cfg must be a mapping with 'quant_cfg' and 'algorithm', got list"),
     ],
@@ -87,7 +94,9 @@ def test_omitted_patterns_mean_the_defaults(shared_states):
 
 def test_configured_patterns_replace_the_defaults():
     custom = [r"(.*)\.(?:wq|wk|wv)"]
-    assert resolve_patterns({"weight_global_amax": {"patterns": custom}}, "weight_global_amax", SHARED_PATTERNS) == custom
+    assert (
+        resolve_patterns({"weight_global_amax": {"patterns": custom}}, "weight_global_amax", SHARED_PATTERNS) == custom
+    )
 
 
 def test_an_empty_pattern_list_disables_grouping(llama_names):
@@ -132,12 +141,18 @@ def test_known_configs_pass():
         (
             {"weight_global_amax": {"patterns": r"(.*)\.q_proj"}},
             TypeError,
-            re.escape("shared_states['weight_global_amax']['patterns']: patterns must be a sequence of regex strings, got the string"),
+            re.escape(
+                "shared_states['weight_global_amax']['patterns']: "
+                "patterns must be a sequence of regex strings, got the string"
+            ),
         ),
         (
             {"weight_global_amax": {"patterns": None}},
             TypeError,
-            re.escape("shared_states['weight_global_amax']['patterns']: patterns must be a sequence of regex strings, got None"),
+            re.escape(
+                "shared_states['weight_global_amax']['patterns']: "
+                "patterns must be a sequence of regex strings, got None"
+            ),
         ),
         (
             {"weight_global_amax": ["q_proj"]},

@@ -195,5 +195,7 @@ def test_vmap_quantize_equals_a_loop_over_experts():
     mapped = torch.func.vmap(nvfp4_quantize)(weights, own)
     looped = [nvfp4_quantize(w, a) for w, a in zip(weights, own)]
     assert torch.equal(mapped.packed, torch.stack([q.packed for q in looped]))
-    assert torch.equal(mapped.block_scale.view(torch.uint8), torch.stack([q.block_scale.view(torch.uint8) for q in looped]))
+    assert torch.equal(
+        mapped.block_scale.view(torch.uint8), torch.stack([q.block_scale.view(torch.uint8) for q in looped])
+    )
     assert torch.equal(mapped.global_scale, torch.stack([q.global_scale for q in looped]))

@@ -159,7 +159,10 @@ def test_find_groups_equals_peer_groups(peer_models, kind, patterns):
         (names[id(parent)], tuple(names[id(m)] for m in members))
         for parent, members in peer_utils.find_shared_input_groups(model, PATTERN_SETS[patterns])
     ]
-    ours = [(g.parent, g.members) for g in find_groups(quantized_names(model), PATTERN_SETS[patterns], containers=containers)]
+    ours = [
+        (g.parent, g.members)
+        for g in find_groups(quantized_names(model), PATTERN_SETS[patterns], containers=containers)
+    ]
     assert ours == peer
     assert len(ours) >= 2
 
@@ -210,7 +213,9 @@ def test_reduce_amax_float8_equals_peer():
 @pytest.mark.parametrize("axis", [None, 0, -1, 2, [0, -1], (1,)])
 def test_convert_axis_equals_peer(axis):
     x = torch.empty(2, 3, 4)
-    assert convert_quantization_axis_to_reduce_axis(x, axis) == peer_utils.convert_quantization_axis_to_reduce_axis(x, axis)
+    assert convert_quantization_axis_to_reduce_axis(x, axis) == peer_utils.convert_quantization_axis_to_reduce_axis(
+        x, axis
+    )
 
 
 @pytest.mark.parametrize(
@@ -300,7 +305,9 @@ def test_nvfp4_quantize_is_bit_identical_to_peer_hf_export(tmp_path, dtype):
     for name, (weight, _) in kept.items():
         quantized = nvfp4_quantize(weight, unified[f"{name}{GLOBAL}"])
         assert torch.equal(quantized.packed, exported[f"{name}.weight"]), name
-        assert torch.equal(quantized.block_scale.view(torch.uint8), exported[f"{name}.weight_scale"].view(torch.uint8)), name
+        assert torch.equal(
+            quantized.block_scale.view(torch.uint8), exported[f"{name}.weight_scale"].view(torch.uint8)
+        ), name
         assert torch.equal(quantized.global_scale, exported[f"{name}.weight_scale_2"]), name
     # The fused q/k/v share one weight_scale_2 that differs from what q alone would give.
     attn = "model.layers.0.self_attn"

@@ -39,20 +39,30 @@ def test_llama_groups_qkv_and_gate_up_per_layer(llama_names):
             "model.layers.0.self_attn",
             ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"),
         ),
-        ((1, ("model.layers.0.mlp",)), "model.layers.0.mlp", ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")),
+        (
+            (1, ("model.layers.0.mlp",)),
+            "model.layers.0.mlp",
+            ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"),
+        ),
         (
             (0, ("model.layers.1.self_attn",)),
             "model.layers.1.self_attn",
             ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"),
         ),
-        ((1, ("model.layers.1.mlp",)), "model.layers.1.mlp", ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")),
+        (
+            (1, ("model.layers.1.mlp",)),
+            "model.layers.1.mlp",
+            ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"),
+        ),
     ]
     grouped = {m for g in groups for m in g.members}
     assert not any(name.endswith(("o_proj", "down_proj")) for name in grouped)
 
 
 def test_mixtral_default_patterns_group_w1_w3_per_expert(mixtral_names):
-    groups = find_groups(mixtral_names, SHARED_PATTERNS, containers=["model.layers", "model.layers.0.block_sparse_moe.experts"])
+    groups = find_groups(
+        mixtral_names, SHARED_PATTERNS, containers=["model.layers", "model.layers.0.block_sparse_moe.experts"]
+    )
     experts = [g for g in groups if g.key[0] == 2]
     prefix = "model.layers.0.block_sparse_moe.experts"
     assert as_tuples(experts) == [
@@ -63,21 +73,26 @@ def test_mixtral_default_patterns_group_w1_w3_per_expert(mixtral_names):
 def test_mixtral_across_experts_is_one_group_per_layer_owned_above_the_expert_list(mixtral_names):
     prefix = "model.layers.0.block_sparse_moe"
     containers = ["model.layers", f"{prefix}.experts"]
-    (attention, moe) = find_groups(mixtral_names, SHARED_PATTERNS_ACROSS_EXPERTS, containers=containers)
+    attention, moe = find_groups(mixtral_names, SHARED_PATTERNS_ACROSS_EXPERTS, containers=containers)
     assert attention.parent == "model.layers.0.self_attn"
     assert moe.key == (2, (prefix,))
     assert moe.members == tuple(f"{prefix}.experts.{e}.{role}" for e in range(3) for role in ("w1", "w3"))
     # The expert list cannot own state: the group climbs past it to the MoE block.
     assert moe.parent == prefix
     # Without the container hint the deepest common ancestor is the list itself.
-    (_, unclimbed) = find_groups(mixtral_names, SHARED_PATTERNS_ACROSS_EXPERTS)
+    _, unclimbed = find_groups(mixtral_names, SHARED_PATTERNS_ACROSS_EXPERTS)
     assert unclimbed.parent == f"{prefix}.experts"
 
 
 def test_local_experts_are_grouped_across_experts_too():
     names = [f"m.local_experts.{e}.{role}" for e in range(2) for role in ("w1", "w2", "w3")]
     (group,) = find_groups(names, SHARED_PATTERNS_ACROSS_EXPERTS, containers=["m.local_experts"])
-    assert group.members == ("m.local_experts.0.w1", "m.local_experts.0.w3", "m.local_experts.1.w1", "m.local_experts.1.w3")
+    assert group.members == (
+        "m.local_experts.0.w1",
+        "m.local_experts.0.w3",
+        "m.local_experts.1.w1",
+        "m.local_experts.1.w3",
+    )
     assert group.parent == "m"
 
 

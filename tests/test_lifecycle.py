@@ -88,7 +88,9 @@ def test_finalize_takes_the_max_over_members_as_fp32_zero_dim_values():
 
 def test_finalize_rounds_an_fp64_member_up_never_below_it():
     value = 1.0 + 2**-30
-    state = finalize(GROUPS, {amax("blk.q_proj"): torch.tensor(value, dtype=torch.float64), amax("blk.k_proj"): torch.tensor(1.0)})
+    state = finalize(
+        GROUPS, {amax("blk.q_proj"): torch.tensor(value, dtype=torch.float64), amax("blk.k_proj"): torch.tensor(1.0)}
+    )
     assert state[ATTN].item() > 1.0
     assert state[ATTN].item() == 1.0 + 2**-23
     assert state[ATTN].item() >= value
@@ -114,7 +116,10 @@ def test_finalize_of_nothing_is_all_unset_and_of_no_groups_is_empty():
 
 
 def test_finalize_reads_the_named_quantizer():
-    buffers = {"blk.q_proj.input_quantizer._amax": torch.tensor(4.0), "blk.k_proj.input_quantizer._amax": torch.tensor(2.0)}
+    buffers = {
+        "blk.q_proj.input_quantizer._amax": torch.tensor(4.0),
+        "blk.k_proj.input_quantizer._amax": torch.tensor(2.0),
+    }
     assert finalize(GROUPS, buffers, quantizer="input_quantizer")[ATTN].item() == 4.0
     assert finalize(GROUPS, buffers)[ATTN].item() == UNSET
 
@@ -128,21 +133,29 @@ def test_finalize_root_members_use_the_bare_quantizer_key():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_finalize_refuses_a_non_finite_member_naming_it(bad):
-    buffers = {amax("blk.q_proj"): torch.tensor([1.0]), amax("blk.k_proj"): torch.tensor([0.5, bad]), amax("mlp.up_proj"): torch.tensor(1.0)}
+    buffers = {
+        amax("blk.q_proj"): torch.tensor([1.0]),
+        amax("blk.k_proj"): torch.tensor([0.5, bad]),
+        amax("mlp.up_proj"): torch.tensor(1.0),
+    }
     with pytest.raises(ValueError, match=re.escape("finalize: 'blk.k_proj.weight_quantizer._amax' is not finite")):
         finalize(GROUPS, buffers)
 
 
 def test_finalize_refuses_a_name_claimed_by_two_groups():
     overlapping = GROUPS + (Group(key=(7, ()), parent="", members=("blk.k_proj", "mlp.up_proj")),)
-    with pytest.raises(ValueError, match=r"finalize: 'blk\.k_proj' is claimed by group 'blk' .* and by group '<root>' \(7, \(\)\)"):
+    with pytest.raises(
+        ValueError, match=r"finalize: 'blk\.k_proj' is claimed by group 'blk' .* and by group '<root>' \(7, \(\)\)"
+    ):
         finalize(overlapping, {})
 
 
 def test_finalize_refuses_empty_and_non_tensor_amax_and_non_groups():
     with pytest.raises(ValueError, match=re.escape("finalize: 'blk.q_proj.weight_quantizer._amax' is empty")):
         finalize(GROUPS, {amax("blk.q_proj"): torch.empty(0)})
-    with pytest.raises(TypeError, match=re.escape("finalize: 'blk.q_proj.weight_quantizer._amax' must be a tensor, got float")):
+    with pytest.raises(
+        TypeError, match=re.escape("finalize: 'blk.q_proj.weight_quantizer._amax' must be a tensor, got float")
+    ):
         finalize(GROUPS, {amax("blk.q_proj"): 1.0})
     with pytest.raises(TypeError, match="finalize: expected Group values, got tuple"):
         finalize([("blk", ("blk.q_proj", "blk.k_proj"))], {})
@@ -235,9 +248,17 @@ def test_restore_refuses_disagreeing_members_naming_group_members_and_values():
 
 
 def test_restore_refuses_non_finite_values_and_multi_element_values():
-    with pytest.raises(ValueError, match=re.escape("restore: group 'mlp' (1, ('mlp',)) members disagree") + ".*mlp.gate_proj=nan"):
-        restore(GROUPS, {global_amax("mlp.gate_proj"): torch.tensor(float("nan")), global_amax("mlp.up_proj"): torch.tensor(1.0)})
-    with pytest.raises(ValueError, match=re.escape("restore: 'blk.q_proj.weight_quantizer._global_amax' must hold one value, got shape (2,)")):
+    with pytest.raises(
+        ValueError, match=re.escape("restore: group 'mlp' (1, ('mlp',)) members disagree") + ".*mlp.gate_proj=nan"
+    ):
+        restore(
+            GROUPS,
+            {global_amax("mlp.gate_proj"): torch.tensor(float("nan")), global_amax("mlp.up_proj"): torch.tensor(1.0)},
+        )
+    with pytest.raises(
+        ValueError,
+        match=re.escape("restore: 'blk.q_proj.weight_quantizer._global_amax' must hold one value, got shape (2,)"),
+    ):
         restore(GROUPS, {global_amax("blk.q_proj"): torch.tensor([1.0, 1.0])})
 
 

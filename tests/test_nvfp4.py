@@ -244,10 +244,22 @@ def test_members_quantized_with_their_own_amax_do_not_fuse():
 @pytest.mark.parametrize(
     ("x", "global_amax", "block_size", "error", "match"),
     [
-        (torch.ones(2, 20), 1.0, 16, ValueError, "the last dimension (20) must be a positive multiple of block_size 16"),
+        (
+            torch.ones(2, 20),
+            1.0,
+            16,
+            ValueError,
+            "the last dimension (20) must be a positive multiple of block_size 16",
+        ),
         (torch.ones(2, 0), 1.0, 16, ValueError, "the last dimension (0) must be a positive multiple"),
         (torch.tensor(1.0), 1.0, 16, ValueError, "the last dimension (none) must be a positive multiple"),
-        (torch.ones(2, 16, dtype=torch.int32), 1.0, 16, ValueError, "expected a floating-point tensor, got dtype torch.int32"),
+        (
+            torch.ones(2, 16, dtype=torch.int32),
+            1.0,
+            16,
+            ValueError,
+            "expected a floating-point tensor, got dtype torch.int32",
+        ),
         (torch.ones(2, 16), float("nan"), 16, ValueError, "global_amax must be finite and positive, got nan"),
         (torch.ones(2, 16), float("inf"), 16, ValueError, "global_amax must be finite and positive, got inf"),
         (torch.ones(2, 16), torch.tensor(0.0), 16, ValueError, "global_amax must be finite and positive, got 0.0"),
@@ -269,11 +281,20 @@ def test_dequantize_refuses_mismatched_parts():
     quantized = nvfp4_quantize(torch.randn(2, 32), 1.0)
     with pytest.raises(ValueError, match=re.escape("nvfp4_dequantize: packed must be uint8, got torch.int8")):
         nvfp4_dequantize(quantized.packed.to(torch.int8), quantized.block_scale, quantized.global_scale)
-    with pytest.raises(ValueError, match=re.escape("nvfp4_dequantize: block_scale shape (3, 2) does not tile packed shape (2, 16)")):
+    with pytest.raises(
+        ValueError, match=re.escape("nvfp4_dequantize: block_scale shape (3, 2) does not tile packed shape (2, 16)")
+    ):
         nvfp4_dequantize(quantized.packed, torch.ones(3, 2), quantized.global_scale)
-    with pytest.raises(ValueError, match=re.escape("nvfp4_dequantize: block_scale shape (2, 3) does not tile packed shape (2, 16) (32 values per row)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "nvfp4_dequantize: block_scale shape (2, 3) does not tile packed shape (2, 16) (32 values per row)"
+        ),
+    ):
         nvfp4_dequantize(quantized.packed, torch.ones(2, 3), quantized.global_scale)
-    with pytest.raises(ValueError, match=re.escape("nvfp4_dequantize: global_scale must hold one value, got shape (2,)")):
+    with pytest.raises(
+        ValueError, match=re.escape("nvfp4_dequantize: global_scale must hold one value, got shape (2,)")
+    ):
         nvfp4_dequantize(quantized.packed, quantized.block_scale, torch.ones(2))
 
 

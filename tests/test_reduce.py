@@ -325,7 +325,11 @@ def test_reduce_block_amax_nan_stays_in_its_block():
 @pytest.mark.parametrize(
     ("block_sizes", "error", "match"),
     [
-        ({-1: 16}, ValueError, "reduce_block_amax: dimension -1 of size 20 is not a positive multiple of its block size 16"),
+        (
+            {-1: 16},
+            ValueError,
+            "reduce_block_amax: dimension -1 of size 20 is not a positive multiple of its block size 16",
+        ),
         ({0: 0}, ValueError, "dimension 0 of size 4 is not a positive multiple of its block size 0"),
         ({2: 4}, ValueError, "reduce_block_amax: dim 2 is out of range for a tensor of rank 2"),
         ({-1: 4, 1: 5}, ValueError, r"reduce_block_amax: dim 1 is named twice"),
@@ -354,7 +358,9 @@ def test_reduce_amax_many_widens_and_propagates_nan():
     assert halves.dtype == torch.float32
     doubles = reduce_amax_many([torch.tensor([1.0 + 2**-40], dtype=torch.float64)], torch.tensor([0]), 1)
     assert doubles.dtype == torch.float64 and doubles.item() == 1.0 + 2**-40
-    eights = reduce_amax_many([torch.tensor([-3.0]).to(torch.float8_e4m3fn), torch.tensor([1.0])], torch.tensor([0, 0]), 1)
+    eights = reduce_amax_many(
+        [torch.tensor([-3.0]).to(torch.float8_e4m3fn), torch.tensor([1.0])], torch.tensor([0, 0]), 1
+    )
     assert eights.item() == 3.0
     nan = reduce_amax_many([torch.tensor([float("nan")]), torch.tensor([9.0])], torch.tensor([0, 0]), 1)
     assert math.isnan(nan.item())

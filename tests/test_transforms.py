@@ -67,11 +67,17 @@ def test_unify_is_idempotent_and_replaces_stale_global_amax(calibrated):
     assert list(twice) == list(once)
     assert all(torch.equal(twice[k], once[k]) for k in once)
     stale = {**calibrated, global_amax("model.layers.0.self_attn.q_proj"): torch.tensor(1e6)}
-    assert torch.equal(unify_state_dict(stale)[global_amax("model.layers.0.self_attn.q_proj")], once[global_amax("model.layers.0.self_attn.q_proj")])
+    assert torch.equal(
+        unify_state_dict(stale)[global_amax("model.layers.0.self_attn.q_proj")],
+        once[global_amax("model.layers.0.self_attn.q_proj")],
+    )
 
 
 def test_unify_rounds_fp64_amax_up():
-    state_dict = {amax("a.q_proj"): torch.tensor(1.0 + 2**-30, dtype=torch.float64), amax("a.o_proj"): torch.tensor(1.0 + 2**-30, dtype=torch.float64)}
+    state_dict = {
+        amax("a.q_proj"): torch.tensor(1.0 + 2**-30, dtype=torch.float64),
+        amax("a.o_proj"): torch.tensor(1.0 + 2**-30, dtype=torch.float64),
+    }
     unified = unify_state_dict(state_dict)
     assert unified[global_amax("a.q_proj")].item() > 1.0 and unified[global_amax("a.o_proj")].item() > 1.0
 
@@ -93,7 +99,10 @@ def test_unify_across_experts_shares_one_value_per_layer(mixtral_names):
 
 
 def test_unify_follows_the_quantizer():
-    state_dict = {"a.q_proj.input_quantizer._amax": torch.tensor(2.0), "a.k_proj.input_quantizer._amax": torch.tensor(3.0)}
+    state_dict = {
+        "a.q_proj.input_quantizer._amax": torch.tensor(2.0),
+        "a.k_proj.input_quantizer._amax": torch.tensor(3.0),
+    }
     unified = unify_state_dict(state_dict, quantizer="input_quantizer")
     assert unified["a.q_proj.input_quantizer._global_amax"].item() == 3.0
     assert set(unify_state_dict(state_dict)) == set(state_dict)  # no weight_quantizer amax: nothing to add
@@ -113,7 +122,9 @@ def test_unify_refuses_bad_input(calibrated):
     with pytest.raises(ValueError, match=re.escape("find_groups: invalid regex '[q'")):
         unify_state_dict(calibrated, ["[q"])
     poisoned = {**calibrated, amax("model.layers.1.mlp.up_proj"): torch.tensor([0.5, float("nan")])}
-    with pytest.raises(ValueError, match=re.escape("finalize: 'model.layers.1.mlp.up_proj.weight_quantizer._amax' is not finite")):
+    with pytest.raises(
+        ValueError, match=re.escape("finalize: 'model.layers.1.mlp.up_proj.weight_quantizer._amax' is not finite")
+    ):
         unify_state_dict(poisoned)
 
 
