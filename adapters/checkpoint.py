@@ -108,7 +108,6 @@ class Checkpoint:
         shards: shard file names, in order.
         index: the parsed ``model.safetensors.index.json`` (``None`` when not sharded).
         tensors: key -> ``TensorInfo``.
-        bytes_read: bytes of the tensors read so far (headers excluded).
     """
 
     def __init__(self, path: Path, root: Path, shards: Sequence[str], index: dict | None) -> None:
@@ -119,7 +118,6 @@ class Checkpoint:
                 if self.tensors.setdefault(key, info) is not info:
                     raise CheckpointError(f"{root}: {key!r} is in two shards, {self.tensors[key].shard} and {shard}")
         self.position = {shard: position for position, shard in enumerate(self.shards)}
-        self.bytes_read = 0
         self._handles: dict[str, object] = {}
 
     def read(self, key: str) -> torch.Tensor:
@@ -132,7 +130,6 @@ class Checkpoint:
             tensor = handle.get_tensor(key)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{self.root / info.shard}: cannot read {key!r}: {err}") from err
-        self.bytes_read += info.end - info.start
         return tensor
 
     def release(self) -> None:
@@ -158,6 +155,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         try:
             index = json.loads((path / INDEX).read_text())
             shards = list(dict.fromkeys(index["weight_map"].values()))
+            if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
+                raise ValueError("weight_map must map tensor names to shard file names")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{path / INDEX}: not a valid safetensors index: {err!r}") from err
         missing = [shard for shard in shards if not (path / shard).is_file()]

@@ -26,7 +26,8 @@ from .checkpoint import Inspection, Reconciliation, inspect_checkpoint, reconcil
 __all__ = ["format_table", "inspection_json", "main"]
 
 BAD_INPUT = 2
-_BAD_INPUT_ERRORS = (ValueError, TypeError, OSError, SafetensorError)
+# Bad input only: anything else is a defect and keeps its traceback.
+_BAD_INPUT_ERRORS = (ValueError, OSError, SafetensorError)
 
 
 def _scale(value: float | None) -> str:

@@ -132,6 +132,12 @@ def bad_missing_shard(unshared, tmp):
     return tmp / "ckpt", "names shard(s) that do not exist: model-00002-of-00002.safetensors"
 
 
+def bad_index_values(unshared, tmp):
+    (tmp / "ckpt").mkdir()
+    (tmp / "ckpt" / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": 3}}')
+    return tmp / "ckpt", "not a valid safetensors index"
+
+
 def bad_unknown_format(unshared, tmp):
     (tmp / "ckpt").mkdir()
     save_file({"model.norm.weight": torch.ones(4)}, tmp / "ckpt" / "model.safetensors")
@@ -154,7 +160,7 @@ def bad_inf_input_scale(unshared, tmp):
 
 
 BAD = [bad_missing, bad_unreadable, bad_empty_directory, bad_truncated, bad_corrupt, bad_missing_shard,
-       bad_unknown_format, bad_block_sizes, bad_nan_scale, bad_inf_input_scale]  # fmt: skip
+       bad_index_values, bad_unknown_format, bad_block_sizes, bad_nan_scale, bad_inf_input_scale]  # fmt: skip
 
 
 @pytest.mark.parametrize("make", BAD, ids=[make.__name__ for make in BAD])
@@ -212,3 +218,4 @@ def test_progress_off_a_terminal_is_silent_for_short_runs_and_prints_lines_for_l
     bar(1, 2, "a")
     bar(2, 2, "b")
     assert long.getvalue().splitlines()[-1].startswith("reconcile: 2/2 (") and "\r" not in long.getvalue()
+
