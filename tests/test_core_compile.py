@@ -85,10 +85,24 @@ def amax_buffers(scale: float) -> dict[str, torch.Tensor]:
         (reduce_amax, lambda: torch.randint(-128, 128, (64,), dtype=torch.int8)),
         (reduce_amax, lambda: (torch.randn(8, 32) * 50).to(torch.float8_e4m3fn)),
         (lambda t: reduce_amax(t, axis=0), lambda: (torch.randn(8, 32) * 50).to(torch.float8_e5m2)),
+        (
+            lambda t: reduce_amax(t, axis=1),
+            lambda: torch.tensor([[1.0, float("nan")], [2.0, -3.0]]).to(torch.float8_e4m3fnuz),
+        ),
         (reduce_sum, lambda: torch.randn(8, 32)),
         (lambda t: reduce_sum(t, axis=1, keepdims=False), lambda: torch.randn(8, 32)),
     ],
-    ids=["amax", "amax-axis", "amax-bf16-axes", "amax-int8", "amax-e4m3", "amax-e5m2-axis", "sum", "sum-axis"],
+    ids=[
+        "amax",
+        "amax-axis",
+        "amax-bf16-axes",
+        "amax-int8",
+        "amax-e4m3",
+        "amax-e5m2-axis",
+        "amax-fnuz-nan",
+        "sum",
+        "sum-axis",
+    ],
 )
 def test_reductions_compile_cleanly(fn, make):
     assert_compiles_cleanly(fn, (make(),), (make(),))
