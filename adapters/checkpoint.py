@@ -188,7 +188,8 @@ class Inspection:
 def _read_scalar(checkpoint: Checkpoint, key: str) -> float:
     info = checkpoint.tensors[key]
     if math.prod(info.shape) != 1 or not getattr(_DTYPES.get(info.dtype), "is_floating_point", False):
-        raise CheckpointError(f"{checkpoint.path}: {key!r} should hold one float scale, got {info.dtype} {list(info.shape)}")
+        got = f"{info.dtype} {list(info.shape)}"
+        raise CheckpointError(f"{checkpoint.path}: {key!r} should hold one float scale, got {got}")
     return checkpoint.read(key).item()
 
 
@@ -211,7 +212,8 @@ def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScale
     if fmt.packed is not None:
         packed, blocks = member_key(fqn, fmt.packed), member_key(fqn, fmt.block_scale)
         if packed not in keys or blocks not in keys:
-            raise CheckpointError(f"{checkpoint.path}: {fqn!r} has {fmt.scale} but lacks {fmt.packed} or {fmt.block_scale}")
+            lacks = f"{fmt.packed} or {fmt.block_scale}"
+            raise CheckpointError(f"{checkpoint.path}: {fqn!r} has {fmt.scale} but lacks {lacks}")
         size = block_size(fqn, keys[packed].shape, keys[blocks].shape)
     return MemberScales(fqn=fqn, scale=scale, input_scale=input_scale, block_size=size, derived=derived)
 
@@ -219,7 +221,8 @@ def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScale
 def _inspect(checkpoint: Checkpoint, patterns: Sequence[str]) -> Inspection:
     fmt = detect_format(checkpoint.tensors)
     groups = find_groups(sorted(find_members(checkpoint.tensors, fmt), key=_natural), patterns)
-    members = sorted({fqn for group in groups for fqn in group.members}, key=lambda fqn: _location(checkpoint, fmt, fqn))
+    members = {fqn for group in groups for fqn in group.members}
+    members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
     scales = {fqn: _member_scales(checkpoint, fmt, fqn) for fqn in members}
     checkpoint.release()
     return Inspection(checkpoint.path, fmt, report_groups(groups, scales, fmt))
@@ -335,7 +338,8 @@ def _set_scale(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, s
 def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, progress) -> None:
     """Fill ``result`` with the changes; apply them when there is a writer."""
     fmt = result.inspection.format
-    jobs = [(_location(checkpoint, fmt, fqn), report, fqn) for report in result.inspection.reports for fqn in report.changed]
+    reports = result.inspection.reports
+    jobs = [(_location(checkpoint, fmt, fqn), report, fqn) for report in reports for fqn in report.changed]
     jobs.sort(key=lambda job: job[0])
     for done, ((shard, _), report, fqn) in enumerate(jobs):
         if done and jobs[done - 1][0][0] != shard:

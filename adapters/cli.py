@@ -110,7 +110,7 @@ def inspection_json(inspection: Inspection) -> dict:
 
 
 class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal; elsewhere a line every few seconds once a run is long."""
+    """A progress bar: redrawn in place on a terminal; elsewhere a line every few seconds once a run is long."""
 
     def __init__(self, stream: TextIO, label: str, *, quiet_for: float = 5.0, every: float = 10.0) -> None:
         self.stream, self.label, self.quiet_for, self.every = stream, label, quiet_for, every
@@ -203,20 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (sub-commands ``inspect``, ``reconcile``, ``demo``)."""
     parser = argparse.ArgumentParser(
         prog="sharedquant",
-        description="Find and repair fused NVFP4 groups (q/k/v, gate/up, w1/w3) whose members disagree on the global scale.",
+        description="Find and repair fused NVFP4 groups (q/k/v, gate/up, w1/w3) whose members disagree "
+        "on the global scale.",
         epilog="exit status: 0 done (inspect: every group consistent), 1 inspect found a mismatched group, 2 bad input",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,reconcile,demo}")
     patterns_help = "regexes over module names, capture groups = group key (replaces the defaults: %(default)s)"
     inspect = commands.add_parser("inspect", help="print every fused group's scales; exit 1 if any is mismatched")
+    patterns = {"nargs": "+", "metavar": "REGEX", "type": _patterns, "default": list(DEFAULT_PATTERNS)}
     inspect.add_argument("path", metavar="PATH", help="a .safetensors file, or a directory with model.safetensors or an index")
-    inspect.add_argument("--patterns", nargs="+", metavar="REGEX", type=_patterns, default=list(DEFAULT_PATTERNS), help=patterns_help)
+    inspect.add_argument("--patterns", **patterns, help=patterns_help)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(func=_inspect)
     reconcile = commands.add_parser("reconcile", help="write a copy in which every fused group shares one scale")
     reconcile.add_argument("path", metavar="PATH", help="the input checkpoint (never modified)")
     reconcile.add_argument("--out", metavar="DIR", help="output directory (written to a temporary one, then renamed)")
-    reconcile.add_argument("--patterns", nargs="+", metavar="REGEX", type=_patterns, default=list(DEFAULT_PATTERNS), help=patterns_help)
+    reconcile.add_argument("--patterns", **patterns, help=patterns_help)
     reconcile.add_argument("--force", action="store_true", help="replace an existing --out")
     reconcile.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     reconcile.set_defaults(func=_reconcile)

@@ -185,15 +185,17 @@ def main() -> None:
               f"({cold / cold_base:.2f}x); warm (median of 21) {warm * 1e3:.1f} ms vs {warm_base * 1e3:.1f} ms "
               f"({warm / warm_base:.2f}x)")  # fmt: skip
         _, idle = child_peak_rss("import sharedquant.adapters.checkpoint")
-        code = f"from sharedquant.adapters.checkpoint import reconcile_checkpoint as r; r({str(source)!r}, {str(out)!r})"
+        code = "from sharedquant.adapters.checkpoint import reconcile_checkpoint as r\n"
+        code += f"r({str(source)!r}, {str(out)!r})"
         seconds, peak = child_peak_rss(code)
         start = time.perf_counter()
         shutil.copytree(source, root / "copy")
         copy = time.perf_counter() - start
         shutil.rmtree(root / "copy")
-        print(f"reconcile: {seconds:.1f} s (a plain copy of the directory: {copy:.1f} s); peak RSS {peak / 2**20:.0f} MiB (import alone {idle / 2**20:.0f} MiB, "
-              f"so {(peak - idle) / 2**20:.0f} MiB for the work) vs largest shard {largest / 2**20:.0f} MiB "
-              f"= {(peak - idle) / largest:.2f} shards")  # fmt: skip
+        mib = 2**20
+        print(f"reconcile: {seconds:.1f} s (a plain copy of the directory: {copy:.1f} s); "
+              f"peak RSS {peak / mib:.0f} MiB (import alone {idle / mib:.0f} MiB, so {(peak - idle) / mib:.0f} MiB "
+              f"for the work) vs largest shard {largest / mib:.0f} MiB = {(peak - idle) / largest:.2f} shards")  # fmt: skip
         assert inspect_checkpoint(out).consistent
     finally:
         if not args.keep:

@@ -36,7 +36,7 @@ __all__ = [
 
 # Rows quantized at once: blocks never span rows, so the result is the same for any
 # chunking, and the scratch memory of a huge member stays bounded.
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,19 +202,16 @@ def requantize(
     rows_packed = packed.reshape(-1, packed.shape[-1])
     rows_scale = block_scale.reshape(-1, block_scale.shape[-1])
     step = max(1, _CHUNK_ELEMENTS // (2 * packed.shape[-1]))
-    out_packed, out_scale = [], []
+    out_packed, out_scale = torch.empty_like(rows_packed), torch.empty_like(rows_scale)
     for start in range(0, rows_packed.shape[0], step):
-        values = nvfp4_dequantize(rows_packed[start : start + step], rows_scale[start : start + step], scale_2)
+        rows = slice(start, start + step)
+        values = nvfp4_dequantize(rows_packed[rows], rows_scale[rows], scale_2)
         if not torch.isfinite(values).all():
             raise ValueError("requantize: the member's dequantized weights are not finite (a NaN block scale?)")
         quantized = nvfp4_quantize(values, global_amax, block_size=values.shape[-1] // rows_scale.shape[-1])
-        out_packed.append(quantized.packed)
-        out_scale.append(quantized.block_scale.to(block_scale.dtype))
-    result = NVFP4Tensor(
-        torch.cat(out_packed).reshape(packed.shape),
-        torch.cat(out_scale).reshape(block_scale.shape),
-        nvfp4_global_scale(global_amax),
-    )
+        out_packed[rows] = quantized.packed
+        out_scale[rows] = quantized.block_scale.to(block_scale.dtype)
+    result = NVFP4Tensor(out_packed.reshape(packed.shape), out_scale.reshape(block_scale.shape), nvfp4_global_scale(global_amax))
     return result, exact
 
 

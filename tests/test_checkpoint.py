@@ -87,7 +87,8 @@ def test_the_peer_export_is_consistent_and_inspect_reads_only_its_scales(peer, r
     export, _ = peer
     inspection = inspect_checkpoint(export)
     assert inspection.format.name == "modelopt" and inspection.consistent
-    assert [r.group.parent for r in inspection.reports] == [MLP.format(0), ATTN.format(0), MLP.format(1), ATTN.format(1)]
+    parents = [report.group.parent for report in inspection.reports]
+    assert parents == [MLP.format(0), ATTN.format(0), MLP.format(1), ATTN.format(1)]
     assert {m.block_size for r in inspection.reports for m in r.members} == {16}
     assert requested and all(key.endswith((".weight_scale_2", ".input_scale")) for key in requested)
 
@@ -136,7 +137,8 @@ def test_reconcile_copies_every_other_tensor_byte_for_byte_and_keeps_metadata(va
     reconcile_checkpoint(directory, tmp_path / "out")
     changed = {f"{fqn}.{s}" for fqn in SKEW for s in ("weight", "weight_scale", "weight_scale_2")}
     changed |= {f"{ATTN.format(0)}.{m}.input_scale" for m in ("q_proj", "k_proj")}
-    with safe_open(directory / "model.safetensors", "pt") as old, safe_open(tmp_path / "out/model.safetensors", "pt") as new:
+    source, written = directory / "model.safetensors", tmp_path / "out" / "model.safetensors"
+    with safe_open(source, "pt") as old, safe_open(written, "pt") as new:
         assert new.metadata() == old.metadata() == {"format": "pt", "producer": "test"}
         assert list(new.keys()) == list(old.keys())
         differing = set()

@@ -127,7 +127,8 @@ def bad_corrupt(unshared, tmp):
 def bad_missing_shard(unshared, tmp):
     (tmp / "ckpt").mkdir()
     shutil.copy(unshared / "model.safetensors", tmp / "ckpt" / "model-00001-of-00002.safetensors")
-    weight_map = {"model.norm.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}
+    weight_map = {"model.norm.weight": "model-00001-of-00002.safetensors",
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}  # fmt: skip
     (tmp / "ckpt" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return tmp / "ckpt", "names shard(s) that do not exist: model-00002-of-00002.safetensors"
 
@@ -146,17 +147,24 @@ def bad_unknown_format(unshared, tmp):
 
 def bad_block_sizes(unshared, tmp):
     def change(state):  # q_proj with blocks of 32: half as many block scales per row
-        state["model.layers.0.self_attn.q_proj.weight_scale"] = state["model.layers.0.self_attn.q_proj.weight_scale"][:, ::2].contiguous()
+        key = "model.layers.0.self_attn.q_proj.weight_scale"
+        state[key] = state[key][:, ::2].contiguous()
 
     return mutate(unshared, tmp / "ckpt", change), "have different block sizes"
 
 
 def bad_nan_scale(unshared, tmp):
-    return mutate(unshared, tmp / "ckpt", lambda s: s.__setitem__(f"{K_PROJ}.weight_scale_2", torch.tensor(float("nan")))), "has a weight_scale_2 of nan"
+    def change(state):
+        state[f"{K_PROJ}.weight_scale_2"] = torch.tensor(float("nan"))
+
+    return mutate(unshared, tmp / "ckpt", change), "has a weight_scale_2 of nan"
 
 
 def bad_inf_input_scale(unshared, tmp):
-    return mutate(unshared, tmp / "ckpt", lambda s: s.__setitem__(f"{K_PROJ}.input_scale", torch.tensor(float("inf")))), "has a input_scale of inf"
+    def change(state):
+        state[f"{K_PROJ}.input_scale"] = torch.tensor(float("inf"))
+
+    return mutate(unshared, tmp / "ckpt", change), "has a input_scale of inf"
 
 
 BAD = [bad_missing, bad_unreadable, bad_empty_directory, bad_truncated, bad_corrupt, bad_missing_shard,

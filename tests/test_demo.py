@@ -16,7 +16,8 @@ def test_unshared_quantization_gives_each_linear_its_own_scale_and_skips_head_an
     assert state["lm_head.weight"].dtype == torch.float32
     assert state["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.float32
     expert = "model.layers.0.block_sparse_moe.experts.0"
-    assert state[f"{expert}.w1.weight"].dtype == torch.uint8 and state[f"{expert}.w1.weight_scale"].dtype == torch.float8_e4m3fn
+    assert state[f"{expert}.w1.weight"].dtype == torch.uint8
+    assert state[f"{expert}.w1.weight_scale"].dtype == torch.float8_e4m3fn
     # each member's own amax: the largest weight maps to the largest code (6) times its block scale
     for name in ("w1", "w3"):
         values = nvfp4_dequantize(state[f"{expert}.{name}.weight"], state[f"{expert}.{name}.weight_scale"],

@@ -39,7 +39,8 @@ def test_there_is_a_walkthrough():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_notebook_runs_and_draws_its_plots(path, kernel):
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name=kernel, resources={"metadata": {"path": str(path.parent)}})
+    resources = {"metadata": {"path": str(path.parent)}}  # the notebook runs in its own folder
+    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name=kernel, resources=resources)
     client.execute()  # raises CellExecutionError, naming the cell, on any exception
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
