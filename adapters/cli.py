@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     patterns_help = "regexes over module names, capture groups = group key (replaces the defaults: %(default)s)"
     inspect = commands.add_parser("inspect", help="print every fused group's scales; exit 1 if any is mismatched")
     patterns = {"nargs": "+", "metavar": "REGEX", "type": _patterns, "default": list(DEFAULT_PATTERNS)}
-    inspect.add_argument("path", metavar="PATH", help="a .safetensors file, or a directory with model.safetensors or an index")
+    source_help = "a .safetensors file, or a directory with model.safetensors or model.safetensors.index.json"
+    inspect.add_argument("path", metavar="PATH", help=source_help)
     inspect.add_argument("--patterns", **patterns, help=patterns_help)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(func=_inspect)

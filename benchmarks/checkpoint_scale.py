@@ -195,7 +195,8 @@ def main() -> None:
         mib = 2**20
         print(f"reconcile: {seconds:.1f} s (a plain copy of the directory: {copy:.1f} s); "
               f"peak RSS {peak / mib:.0f} MiB (import alone {idle / mib:.0f} MiB, so {(peak - idle) / mib:.0f} MiB "
-              f"for the work) vs largest shard {largest / mib:.0f} MiB = {(peak - idle) / largest:.2f} shards")  # fmt: skip
+              f"for the work) vs largest shard {largest / mib:.0f} MiB "
+              f"= {(peak - idle) / largest:.2f} shards")  # fmt: skip
         assert inspect_checkpoint(out).consistent
     finally:
         if not args.keep:

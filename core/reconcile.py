@@ -211,8 +211,8 @@ def requantize(
         quantized = nvfp4_quantize(values, global_amax, block_size=values.shape[-1] // rows_scale.shape[-1])
         out_packed[rows] = quantized.packed
         out_scale[rows] = quantized.block_scale.to(block_scale.dtype)
-    result = NVFP4Tensor(out_packed.reshape(packed.shape), out_scale.reshape(block_scale.shape), nvfp4_global_scale(global_amax))
-    return result, exact
+    shared = nvfp4_global_scale(global_amax)
+    return NVFP4Tensor(out_packed.reshape(packed.shape), out_scale.reshape(block_scale.shape), shared), exact
 
 
 def dequantize_without_rescaling(
