@@ -205,7 +205,7 @@ def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScale
     if not derived:
         scale = _read_scalar(checkpoint, scale_key)
     else:  # calibration state without a promoted global amax: its own amax is its scale
-        scale = round_up_to_fp32(reduce_amax(checkpoint.read(member_key(fqn, fmt.fallback)).float())).item()
+        scale = round_up_to_fp32(reduce_amax(checkpoint.read(member_key(fqn, fmt.fallback)))).item()
     input_key = member_key(fqn, fmt.input_scale) if fmt.input_scale else None
     input_scale = _read_scalar(checkpoint, input_key) if input_key in keys else None
     size = None

@@ -130,7 +130,7 @@ def report_groups(groups: Sequence[Group], scales: Mapping[str, MemberScales], f
     for group in groups:
         members = tuple(scales[fqn] for fqn in group.members)
         for member in members:
-            _check_scale(member.fqn, fmt.scale, member.scale)
+            _check_scale(member.fqn, fmt.fallback if member.derived else fmt.scale, member.scale)
             _check_scale(member.fqn, fmt.input_scale or "input scale", member.input_scale)
         sizes = {member.block_size for member in members}
         if len(sizes) > 1:

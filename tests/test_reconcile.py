@@ -164,3 +164,10 @@ def test_derived_scales_are_stored_only_when_their_group_is_mismatched():
     assert mismatched.changed == GROUP.members and mismatched.shared_scale == 3.0
     (agreeing,) = report_groups([GROUP], derived(3.0, 3.0, 3.0), QUANTIZER_STATE)
     assert agreeing.consistent and agreeing.changed == ()
+
+
+def test_a_non_finite_derived_scale_is_named_by_the_key_it_came_from():
+    members = {fqn: MemberScales(fqn, 1.0, derived=True) for fqn in GROUP.members}
+    members["attn.v"] = MemberScales("attn.v", math.nan, derived=True)
+    with pytest.raises(ValueError, match=r"'attn.v' has a weight_quantizer._amax of nan"):
+        report_groups([GROUP], members, QUANTIZER_STATE)
