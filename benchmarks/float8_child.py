@@ -22,7 +22,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _random_float8(elements: int, device: str) -> torch.Tensor:
+def random_float8(elements: int, device: str) -> torch.Tensor:
     """Finite random e4m3fn values, filled in chunks so no transient copy inflates the peak."""
     tensor = torch.empty(elements, dtype=torch.uint8, device=device)
     for chunk in tensor.split(1 << 24):
@@ -37,7 +37,7 @@ def main(side: str, elements: int, repeats: int, device: str) -> None:
         reduce = reduce_amax
     else:
         from modelopt.torch.quantization.utils import reduce_amax as reduce
-    tensor = _random_float8(elements, device)
+    tensor = random_float8(elements, device)
     expected = tensor[: 1 << 20].float().abs().max()  # both sides must compute the same thing
     sync = device != "cpu"
     if sync:

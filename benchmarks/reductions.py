@@ -47,9 +47,18 @@ def _cases(elements: int, device: str):
 
 
 def run(
-    elements: int = 1 << 26, fp8_elements: int = 1 << 28, repeats: int = 5, device: str = "cpu", with_peer: bool = True
+    elements: int = 1 << 26,
+    fp8_elements: int = 1 << 28,
+    repeats: int = 5,
+    device: str = "cpu",
+    with_peer: bool = True,
+    isolate: bool = True,
 ) -> list[Row]:
-    """Float rows over ``elements`` values, float8 rows over ``fp8_elements``."""
+    """Float rows over ``elements`` values, float8 rows over ``fp8_elements``.
+
+    ``isolate`` runs each float8 side in a fresh process, which its memory figure
+    needs; without it both run here and the memory columns stay empty.
+    """
     sync = device != "cpu"
     peer = _peer_reduce() if with_peer and peer_available() else None
     out = []
@@ -59,12 +68,13 @@ def run(
         ours = best_of(lambda: reduce_amax(tensor, axis=axis), repeats, sync=sync)
         theirs = best_of(lambda: peer(tensor, axis=axis), repeats, sync=sync) if peer else None
         out.append(Row(case, tensor.numel() * tensor.element_size(), ours, amax, theirs))
-    out.append(_float8_row(fp8_elements, repeats, device, peer is not None))
+    out.append(_float8_row(fp8_elements, repeats, device, peer is not None, isolate))
     return out
 
 
-def _float8_row(elements: int, repeats: int, device: str, with_peer: bool) -> Row:
-    measured = {side: _float8_child(side, elements, repeats, device) for side in ("ours", "peer") if side == "ours" or with_peer}
+def _float8_row(elements: int, repeats: int, device: str, with_peer: bool, isolate: bool) -> Row:
+    measure = _float8_child if isolate else _float8_here
+    measured = {side: measure(side, elements, repeats, device) for side in ("ours", "peer") if side == "ours" or with_peer}
     return Row(
         "float8_e4m3fn axis=None",
         elements,
@@ -74,6 +84,14 @@ def _float8_row(elements: int, repeats: int, device: str, with_peer: bool) -> Ro
         measured["ours"]["extra_mib"],
         measured.get("peer", {}).get("extra_mib"),
     )
+
+
+def _float8_here(side: str, elements: int, repeats: int, device: str) -> dict:
+    from .float8_child import random_float8
+
+    reduce = reduce_amax if side == "ours" else _peer_reduce()
+    tensor = random_float8(elements, device)
+    return {"seconds": best_of(lambda: reduce(tensor), repeats, sync=device != "cpu"), "extra_mib": None}
 
 
 def _float8_child(side: str, elements: int, repeats: int, device: str) -> dict:

@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with_peer = not args.no_peer
     steps = lifecycle.run(sizes, repeats=repeats, device=device, with_peer=with_peer)
-    reduce_rows = reductions.run(elements, fp8_elements, repeats=max(repeats, 3), device=device, with_peer=with_peer)
+    reduce_rows = reductions.run(
+        elements, fp8_elements, repeats=max(repeats, 3), device=device, with_peer=with_peer, isolate=not args.quick
+    )
     plot = args.out.with_suffix(".png")
     _plot(steps, plot)
     text = [

@@ -31,3 +31,11 @@ def test_gpu_mode_refuses_without_cuda(tmp_path, capsys):
     assert run.main(["--gpu", "--out", str(tmp_path / "R.md")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "R.md").exists()
+
+
+def test_float8_child_reports_time_and_memory_of_one_side():
+    from benchmarks import reductions
+
+    measured = reductions._float8_child("ours", 1 << 20, 1, "cpu")
+    assert measured["seconds"] > 0
+    assert 0 <= measured["extra_mib"] < 64  # chunked byte read: no wide copy of the input
