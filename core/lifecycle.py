@@ -59,6 +59,8 @@ def _check_groups(fn: str, groups) -> tuple[Group, ...]:
 
 def _gather(fn: str, groups: tuple[Group, ...], buffers: Mapping[str, torch.Tensor], quantizer: str, attr: str):
     """Present, materialised member buffers with their group and member indices."""
+    if not isinstance(buffers, Mapping):
+        raise TypeError(f"{fn}: buffers must map names to tensors, got {type(buffers).__name__}")
     tensors, group_ids, names = [], [], []
     for position, group in enumerate(groups):
         for member in group.members:
@@ -191,14 +193,17 @@ def restore(
             raise ValueError(f"restore: {name!r} must hold one value, got shape {tuple(tensor.shape)}")
     if not tensors:
         return SharedAmax(groups=groups, global_amax=torch.full((len(groups),), UNSET, device=device))
-    flat = torch.stack([t.reshape(()).to(torch.float32) for t in tensors])
-    high = torch.full((len(groups),), UNSET, device=device).scatter_reduce(0, group_ids, flat, "amax")
+    # Agreement is checked in fp64, where every stored value is exact: two fp64 values
+    # that round to one fp32 still disagree.
+    flat = torch.stack([t.reshape(()).to(torch.float64) for t in tensors])
+    high = torch.full((len(groups),), UNSET, dtype=torch.float64, device=device).scatter_reduce(0, group_ids, flat, "amax")
     if not is_traced(flat):
-        low = torch.full((len(groups),), -UNSET, device=device).scatter_reduce(0, group_ids, flat, "amin")
+        low = torch.full((len(groups),), -UNSET, dtype=torch.float64, device=device)
+        low = low.scatter_reduce(0, group_ids, flat, "amin")
         bad = ~torch.isfinite(flat) | (flat != high[group_ids]) | (flat != low[group_ids])
         if bad.any():
             _raise_disagreement(groups, group_ids, flat, names, quantizer, attr)
-    return SharedAmax(groups=groups, global_amax=high)
+    return SharedAmax(groups=groups, global_amax=round_up_to_fp32(high))
 
 
 def _raise_disagreement(groups, group_ids, flat, names, quantizer, attr) -> None:

@@ -83,7 +83,7 @@ def _check_tensor(fn: str, tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{fn}: expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.is_complex():
-        raise TypeError(f"{fn}: complex tensors have no amax, got {tensor.dtype}")
+        raise TypeError(f"{fn}: complex tensors are not supported, got {tensor.dtype}")
 
 
 def _magnitude(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,7 +312,9 @@ def reduce_amax_many(tensors: Sequence[torch.Tensor], segment_ids: torch.Tensor,
         return torch.full((num_segments,), float("-inf"), device=segment_ids.device)
     widened = [t.to(torch.get_default_dtype()) if t.dtype in _FLOAT8 else t for t in tensors]
     flat = _concat_flat(widened)
-    if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
+    if not flat.is_floating_point():
+        flat = flat.to(torch.float64)  # exact for integers up to 2**53; narrowing to fp32 rounds up
+    elif flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.to(torch.float32)
     lengths = torch.tensor([t.numel() for t in tensors], device=flat.device)
     element_ids = torch.repeat_interleave(segment_ids.to(flat.device), lengths, output_size=flat.numel())

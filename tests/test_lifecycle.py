@@ -295,3 +295,27 @@ def test_member_entries_skip_unset_groups_and_follow_the_quantizer():
     entries = member_entries(SharedAmax(GROUPS, torch.tensor([UNSET, 2.0])), quantizer="input_quantizer")
     assert list(entries) == ["mlp.gate_proj.input_quantizer._global_amax", "mlp.up_proj.input_quantizer._global_amax"]
     assert member_entries(SharedAmax((), torch.empty(0))) == {}
+
+
+def test_restore_compares_fp64_members_exactly_and_rounds_the_agreed_value_up():
+    # 1 and 1 + 2**-40 are one fp32 value but two different scales: they disagree.
+    apart = {
+        global_amax("blk.q_proj"): torch.tensor(1.0, dtype=torch.float64),
+        global_amax("blk.k_proj"): torch.tensor(1.0 + 2**-40, dtype=torch.float64),
+    }
+    with pytest.raises(ValueError, match="members disagree"):
+        restore(GROUPS, apart)
+    agreed = {k: torch.tensor(1.0 + 2**-40, dtype=torch.float64) for k in apart}
+    assert restore(GROUPS, agreed).global_amax[0].item() > 1.0  # never below the stored value
+
+
+def test_finalize_of_integer_amax_above_fp32_precision_never_rounds_down():
+    big = 2**24 + 1  # not an fp32 value
+    state = finalize(GROUPS, {amax("blk.q_proj"): torch.tensor([big], dtype=torch.int64)})
+    assert state.global_amax[0].item() >= big
+
+
+@pytest.mark.parametrize("fn", [finalize, restore])
+def test_buffers_must_be_a_mapping(fn):
+    with pytest.raises(TypeError, match=f"{fn.__name__}: buffers must map names to tensors, got list"):
+        fn(GROUPS, [torch.tensor(1.0)])
