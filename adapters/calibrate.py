@@ -114,18 +114,34 @@ def max_calibrate(
         if slot.weight is not None:
             slot.quantizer.amax = slot.quantizer.observed_amax(getattr(slot.module, slot.weight))
     if forward_loop is not None:
-        activations = [s for s in slots if s.weight is None]
-        for slot in activations:
-            device = next((p.device for p in slot.module.parameters(recurse=False)), None)
-            slot.quantizer.amax = torch.full((), _UNOBSERVED, device=device)
-        with calibration_mode(s.quantizer for s in slots):
-            forward_loop(model)
-        for slot in activations:
-            if slot.quantizer.amax.item() == _UNOBSERVED:
-                slot.quantizer.amax = None
+        _observe_activations(model, forward_loop, slots)
     SharedWeightGlobalAmaxState.populate(model)
     _set_ungrouped_global_amax(slots)
     return model
+
+
+def _observe_activations(model: nn.Module, forward_loop: Callable[[nn.Module], None], slots: list[_Slot]) -> None:
+    """Run ``forward_loop`` with every slot observing; activation amax restart from "unobserved".
+
+    The start value (-inf) must never stay in a buffer, where a forward would refuse it
+    as a scale: unreached quantizers end unset, and a loop that raises leaves every
+    activation amax as it was before.
+    """
+    activations = [s for s in slots if s.weight is None]
+    previous = [s.quantizer.amax for s in activations]
+    for slot in activations:
+        device = next((p.device for p in slot.module.parameters(recurse=False)), None)
+        slot.quantizer.amax = torch.full((), _UNOBSERVED, device=device)
+    try:
+        with calibration_mode(s.quantizer for s in slots):
+            forward_loop(model)
+    except BaseException:
+        for slot, amax in zip(activations, previous):
+            slot.quantizer.amax = amax
+        raise
+    for slot in activations:
+        if slot.quantizer.amax.item() == _UNOBSERVED:
+            slot.quantizer.amax = None
 
 
 @torch.no_grad()

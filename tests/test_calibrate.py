@@ -115,6 +115,30 @@ def test_an_activation_quantizer_no_batch_reached_stays_unset():
     assert model.lm_head.input_quantizer.amax is not None
 
 
+def test_a_forward_loop_that_raises_leaves_activation_amax_as_they_were():
+    model = llama(inputs=True)
+    data = batches(1)
+    max_calibrate(model, forward_loop=lambda m: m(data[0]))
+    before = {n: m.input_quantizer.amax.clone() for n, m in linears(model).items()}
+
+    def dies(m):
+        raise RuntimeError("data loader died")
+
+    def dies_midway(m):
+        m(torch.full_like(data[0], 127))  # some observers move, then the loop dies
+        dies(m)
+
+    with pytest.raises(RuntimeError, match="data loader died"):
+        max_calibrate(model, forward_loop=dies_midway)
+    assert all(torch.equal(m.input_quantizer.amax, before[n]) for n, m in linears(model).items())
+    assert model(data[0]).isfinite().all()  # still usable: no unobserved (-inf) scale left behind
+    fresh = llama(inputs=True)
+    with pytest.raises(RuntimeError, match="data loader died"):
+        max_calibrate(fresh, forward_loop=dies)
+    assert all(m.input_quantizer.amax is None for m in linears(fresh).values())
+    assert not any(q._calibrating for q in fresh.modules() if isinstance(q, TensorQuantizer))
+
+
 def test_a_disabled_weight_quantizer_gets_nothing():
     model = nn.Sequential(nn.Linear(24, 16), nn.Linear(16, 16))
     with pytest.warns(UserWarning, match="not a multiple of 16"):
