@@ -131,7 +131,12 @@ class TensorQuantizer(nn.Module):
         global_amax = self._global_amax
         if global_amax is None:
             global_amax = reduce_amax(self._amax).float()
-        return nvfp4_fake_quant(x, global_amax.to(x.device), self.block_size)
+        global_amax = global_amax.to(x.device)
+        # A zero scale comes from an all-zero calibrated tensor, which NVFP4 cannot scale
+        # and whose fake quant is itself; torch.where keeps this traceable, no host sync.
+        usable = global_amax > 0
+        quantized = nvfp4_fake_quant(x, torch.where(usable, global_amax, torch.ones_like(global_amax)), self.block_size)
+        return torch.where(usable, quantized, x)
 
     def _apply(self, fn, recurse=True):
         before = {attr: self._buffers.get(attr) for attr in _AMAX_ATTRS}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sharedquant.adapters import QuantLinear, TensorQuantizer, replace_quant_module
+from sharedquant.adapters import QuantLinear, TensorQuantizer, max_calibrate, replace_quant_module
 from sharedquant.adapters.calibrate import calibration_mode
 from sharedquant.adapters.models import tiny_llama
 from sharedquant.core import nvfp4_fake_quant, reduce_amax, reduce_block_amax
@@ -76,6 +76,17 @@ def test_forward_equals_core_fake_quant_with_the_global_amax():
     quantizer.global_amax = torch.tensor(7.0)  # e.g. a group max larger than this tensor's own
     assert torch.equal(quantizer(weight), nvfp4_fake_quant(weight, torch.tensor(7.0)))
     assert not torch.equal(quantizer(weight), nvfp4_fake_quant(weight, reduce_amax(weight)))
+
+
+def test_an_all_zero_weight_calibrates_and_runs():
+    model = replace_quant_module(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    max_calibrate(model)
+    assert model[1].weight_quantizer.global_amax.item() == 0.0
+    x = torch.randn(2, 16)
+    hidden = model[0](x)
+    assert torch.equal(model(x), F.linear(hidden, torch.zeros(16, 16), model[1].bias))
 
 
 def test_forward_without_global_amax_uses_the_tensors_own_amax():
