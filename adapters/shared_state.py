@@ -244,9 +244,9 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
         value = self._buffers.get("_global_amax")
         if value is None or not (isinstance(quantizer, TensorQuantizer) or hasattr(quantizer, "global_amax")):
             return False
-        if quantizer._buffers.get("_global_amax") is value and is_tied(quantizer, "_global_amax"):
-            return True
-        return super().tie_member_quantizer(quantizer)
+        if not is_tied(quantizer, "_global_amax", value):
+            tie_(quantizer, "_global_amax", value)
+        return True
 
     def finalize(self) -> bool:
         """Set ``global_amax`` to the max over the members' calibrated ``_amax``; return whether set."""
@@ -285,19 +285,28 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
 
 
 def iter_shared_quant_states(model: nn.Module, state_cls: type[SharedQuantState] = SharedQuantState) -> Iterator[SharedQuantState]:
-    """Yield the shared quant states of class ``state_cls`` owned anywhere in ``model``."""
-    for _, module in walk_modules(model):
-        for state in module._modules.get(SHARED_STATES, ()) or ():
-            if isinstance(state, state_cls):
-                yield state
+    """Yield the shared quant states of class ``state_cls`` owned anywhere in ``model``, in model order."""
+    # A state list is a ModuleList of leaves; only modules with children can own one.
+    # No names are needed here, so this walk skips building them (populate's main cost).
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        children = module._modules
+        states = children.get(SHARED_STATES)
+        if states is not None:
+            for state in states._modules.values():
+                if isinstance(state, state_cls) and id(state) not in seen:
+                    seen.add(id(state))
+                    yield state
+        stack.extend(child for child in reversed(children.values()) if child is not None and child._modules and child is not states)
 
 
 def first_parallel_state(state: SharedQuantState):
     """The first ``parallel_state`` a member carries, or ``None``."""
     for member in state.members:
-        parallel_state = member.__dict__.get("parallel_state")
-        if parallel_state is None:
-            parallel_state = getattr(member, "parallel_state", None)
+        attrs = member.__dict__  # a plain attribute on QuantLinear: skip nn.Module.__getattr__
+        parallel_state = attrs["parallel_state"] if "parallel_state" in attrs else getattr(member, "parallel_state", None)
         if parallel_state is not None:
             return parallel_state
     return None
@@ -368,9 +377,14 @@ def _sync_by_parallel_state(states: Sequence[SharedQuantState], values: torch.Te
     # Keyed by the process groups, not the ParallelState object: modelopt gives every
     # module its own object, which would cost one collective per state.
     by_parallel_state: dict[tuple[int, ...], tuple[object, list[int]]] = {}
+    resolved: dict[int, tuple[int, ...]] = {}
     for position, state in enumerate(states):
         parallel_state = first_parallel_state(state)
-        key = tuple(map(id, process_groups(parallel_state, "populate")))
+        if parallel_state is None:
+            continue
+        key = resolved.get(id(parallel_state))
+        if key is None:
+            key = resolved[id(parallel_state)] = tuple(map(id, process_groups(parallel_state, "populate")))
         if key:
             by_parallel_state.setdefault(key, (parallel_state, []))[1].append(position)
     if not by_parallel_state:
