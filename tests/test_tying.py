@@ -95,7 +95,7 @@ def test_tie_registers_an_absent_buffer_and_clones_it_in_a_foreign_state_dict():
     assert quantizer._buffers["_global_amax"] is shared
     assert len(quantizer._state_dict_hooks) == 1  # one clone hook, however often it is tied
     entry = quantizer.state_dict()["_global_amax"]
-    assert entry.item() == 3.0 and entry.data_ptr() != shared.data_ptr()
+    assert entry.item() == 3.0 and entry.untyped_storage().data_ptr() != shared.untyped_storage().data_ptr()
 
 
 def test_keep_fp32_puts_back_the_original_object_when_only_the_dtype_changed():
@@ -176,9 +176,9 @@ def test_state_dict_gives_each_member_an_independent_tensor_and_saves_with_safet
     model = calibrated()
     state_dict = model.state_dict()
     keys = [f"model.layers.0.self_attn.{r}.weight_quantizer._global_amax" for r in ("q_proj", "k_proj", "v_proj")]
-    pointers = {state_dict[k].data_ptr() for k in keys}
+    pointers = {state_dict[k].untyped_storage().data_ptr() for k in keys}
     assert len(pointers) == 3
-    assert states(model)[0].global_amax.data_ptr() not in pointers
+    assert states(model)[0].global_amax.untyped_storage().data_ptr() not in pointers
     assert len({state_dict[k].item() for k in keys}) == 1
     # The entries are exactly what the core computes from the same state dict.
     expected = unify_state_dict({k: v for k, v in state_dict.items() if not k.endswith("_global_amax")})
