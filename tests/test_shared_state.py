@@ -221,6 +221,11 @@ def test_install_hooks_once_per_created_state_and_populate_removes_them_once_fin
     assert Counting.populate(model) == 2
     assert len(attn._forward_hooks) == 0 and len(model.model.layers[0].mlp._forward_hooks) == 0
     assert all(s.__dict__["_hook_handles"] == [] for s in states(model))
+    fresh = llama()
+    Counting.restore(fresh)  # restore creates its states through attach: hooks once each
+    assert Counting.installs == 4
+    Counting.restore(fresh)
+    assert Counting.installs == 4
 
 
 def test_a_module_claimed_by_two_states_of_the_same_kind_is_refused_and_nothing_is_attached():
