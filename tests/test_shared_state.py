@@ -374,23 +374,26 @@ def test_unsetting_global_amax_unties_the_members_with_their_own_copy():
 # --- single-state API ---------------------------------------------------------------------
 
 
-def test_set_members_finalize_and_tie_without_attach():
-    a, b = QuantLinear(16, 8), QuantLinear(16, 8)
-    a.weight_quantizer.amax = torch.full((8, 1), 2.0)
-    b.weight_quantizer.amax = torch.full((8, 1), 3.0)
-    parent = nn.Module()
+def unattached_state(amax=None, global_amax=None) -> SharedWeightGlobalAmaxState:
+    """A state over two fresh QuantLinears, set up with set_members (no attach)."""
+    members = [QuantLinear(16, 8), QuantLinear(16, 8)]
+    for position, member in enumerate(members):
+        if amax is not None:
+            member.weight_quantizer.amax = torch.full((8, 1), amax[position])
+        if global_amax is not None:
+            member.weight_quantizer.global_amax = global_amax[position]
     state = SharedWeightGlobalAmaxState()
-    state.set_members(parent, [a, b])
-    assert state.members == (a, b)
+    state.set_members(nn.Module(), members)
+    assert state.members == tuple(members)
+    return state
+
+
+def test_set_members_finalize_and_tie_without_attach():
+    assert unattached_state().finalize() is False  # nothing calibrated
+    state = unattached_state(amax=(2.0, 3.0))
     assert state.finalize() is True
     assert state.global_amax.item() == 3.0
     assert_tied(state)
-
-
-def test_finalize_without_any_amax_is_false():
-    state = SharedWeightGlobalAmaxState()
-    state.set_members(nn.Module(), [QuantLinear(16, 8), QuantLinear(16, 8)])
-    assert state.finalize() is False and state.global_amax is None
 
 
 def test_tie_member_quantizer_only_ties_quantizers_that_hold_a_global_amax():
@@ -406,23 +409,15 @@ def test_tie_member_quantizer_only_ties_quantizers_that_hold_a_global_amax():
 
 
 def test_restore_from_members_rebuilds_and_ties_or_refuses_disagreement():
-    a, b = QuantLinear(16, 8), QuantLinear(16, 8)
-    a.weight_quantizer.global_amax = 4.0
-    b.weight_quantizer.global_amax = 4.0
-    state = SharedWeightGlobalAmaxState()
-    state.set_members(nn.Module(), [a, b])
+    state = unattached_state(global_amax=(4.0, 4.0))
     assert state.restore_from_members() is True
     assert state.global_amax.item() == 4.0
     assert_tied(state)
-    c, d = QuantLinear(16, 8), QuantLinear(16, 8)
-    c.weight_quantizer.global_amax = 1.0
-    d.weight_quantizer.global_amax = 2.0
-    other = SharedWeightGlobalAmaxState()
-    other.set_members(nn.Module(), [c, d])
+    other = unattached_state(global_amax=(1.0, 2.0))
     with pytest.raises(ValueError, match="members disagree on _global_amax"):
         other.restore_from_members()
     assert other.global_amax is None
-    assert "_shared_quant_tied_attrs" not in c.weight_quantizer.__dict__
+    assert "_shared_quant_tied_attrs" not in other.members[0].weight_quantizer.__dict__
 
 
 def test_sync_without_process_groups_changes_nothing():
