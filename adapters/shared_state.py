@@ -289,17 +289,16 @@ def iter_shared_quant_states(model: nn.Module, state_cls: type[SharedQuantState]
     # A state list is a ModuleList of leaves; only modules with children can own one.
     # No names are needed here, so this walk skips building them (populate's main cost).
     seen: set[int] = set()
-    stack = [model]
+    stack = [model._modules]
     while stack:
-        module = stack.pop()
-        children = module._modules
+        children = stack.pop()
         states = children.get(SHARED_STATES)
         if states is not None:
             for state in states._modules.values():
                 if isinstance(state, state_cls) and id(state) not in seen:
                     seen.add(id(state))
                     yield state
-        stack.extend(child for child in reversed(children.values()) if child is not None and child._modules and child is not states)
+        stack += [child._modules for child in reversed(children.values()) if child is not None and child._modules]
 
 
 def first_parallel_state(state: SharedQuantState):
@@ -352,8 +351,24 @@ def _core_view(states: Sequence, attr: str) -> tuple[tuple[Group, ...], dict[str
 
 
 def _finalize_tensor(states: Sequence) -> torch.Tensor:
-    groups, buffers, qattr = _core_view(states, "_amax")
-    return lifecycle.finalize(groups, buffers, quantizer=qattr).global_amax
+    """Every state's group max through the core's batched kernel, gathered by reference, not by name."""
+    qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
+    tensors, group_ids, where = [], [], []
+    for position, state in enumerate(states):
+        for index, member in enumerate(state.members):
+            quantizer = member._modules.get(qattr)
+            amax = None if quantizer is None else quantizer._buffers.get("_amax")
+            if amax is not None and not amax.is_meta:
+                tensors.append(amax)
+                group_ids.append(position)
+                where.append((position, index))
+
+    def describe(i: int) -> str:
+        position, index = where[i]
+        return lifecycle.buffer_key(states[position].group.members[index], qattr, "_amax")
+
+    device = None if tensors or not states else _member_device(states[0])
+    return lifecycle.group_amax(tensors, group_ids, len(states), describe=describe, device=device)
 
 
 def _finalize_values(states: Sequence) -> list[torch.Tensor | None]:

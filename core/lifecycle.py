@@ -26,7 +26,7 @@ from .groups import Group
 from .reduce import is_traced, reduce_amax_many, round_up_to_fp32
 from .state import UNSET, SharedAmax
 
-__all__ = ["buffer_key", "finalize", "member_entries", "restore", "sync"]
+__all__ = ["buffer_key", "finalize", "group_amax", "member_entries", "restore", "sync"]
 
 AMAX = "_amax"
 GLOBAL_AMAX = "_global_amax"
@@ -82,11 +82,53 @@ def _gather(fn: str, groups: tuple[Group, ...], buffers: Mapping[str, torch.Tens
     return tensors, torch.tensor(group_ids, dtype=torch.int64, device=device), names, device
 
 
-def _raise_non_finite(fn: str, tensors, names) -> None:
-    for tensor, name in zip(tensors, names):
+def _raise_non_finite(tensors, describe: Callable[[int], str]) -> None:
+    for index, tensor in enumerate(tensors):
         value = reduce_amax_many([tensor], torch.zeros(1, dtype=torch.int64, device=tensor.device), 1)
         if not torch.isfinite(value).all():
-            raise ValueError(f"{fn}: {name!r} is not finite ({value.item()}); refusing to let it set the group's scale")
+            raise ValueError(
+                f"finalize: {describe(index)!r} is not finite ({value.item()}); refusing to let it set the group's scale"
+            )
+
+
+def group_amax(
+    tensors: Sequence[torch.Tensor],
+    group_ids: Sequence[int] | torch.Tensor,
+    num_groups: int,
+    *,
+    describe: Callable[[int], str] = lambda index: f"member #{index}",
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The batched kernel of ``finalize``, over member amaxes already gathered.
+
+    For callers that hold the tensors rather than names (the module adapter): one
+    concatenation and one scatter for all groups, fp32 rounded up, ``-inf`` where a
+    group got nothing.
+
+    Args:
+        tensors: each member's amax (non-empty, materialised).
+        group_ids: the group of each tensor.
+        num_groups: the number of groups.
+        describe: names tensor ``i`` in error messages (called only on error).
+        device: where the result lives when ``tensors`` is empty (default CPU).
+
+    Returns:
+        fp32 ``[num_groups]``.
+
+    Raises:
+        ValueError: an empty tensor, or (eagerly) a NaN or infinite one, named by ``describe``.
+    """
+    for index, tensor in enumerate(tensors):
+        if tensor.numel() == 0:
+            raise ValueError(f"finalize: {describe(index)!r} is empty")
+    device = tensors[0].device if tensors else torch.device(device or "cpu")
+    tensors = [t if t.device == device else t.to(device) for t in tensors]
+    if not isinstance(group_ids, torch.Tensor):
+        group_ids = torch.tensor(group_ids, dtype=torch.int64, device=device)
+    values = round_up_to_fp32(reduce_amax_many(tensors, group_ids, num_groups).to(device))
+    if tensors and not is_traced(values) and (torch.isnan(values) | torch.isposinf(values)).any():
+        _raise_non_finite(tensors, describe)
+    return values
 
 
 def finalize(
@@ -114,11 +156,8 @@ def finalize(
             a member amax is NaN or infinite; the message names the member.
     """
     groups = _check_groups("finalize", groups)
-    tensors, group_ids, names, device = _gather("finalize", groups, buffers, quantizer, AMAX)
-    values = round_up_to_fp32(reduce_amax_many(tensors, group_ids, len(groups)).to(device))
-    if tensors and not is_traced(values) and (torch.isnan(values) | torch.isposinf(values)).any():
-        _raise_non_finite("finalize", tensors, names)
-    return SharedAmax(groups=groups, global_amax=values)
+    tensors, group_ids, names, _ = _gather("finalize", groups, buffers, quantizer, AMAX)
+    return SharedAmax(groups=groups, global_amax=group_amax(tensors, group_ids, len(groups), describe=names.__getitem__))
 
 
 @torch.compiler.assume_constant_result  # a function of static metadata: dynamo cannot trace crc32

@@ -327,9 +327,8 @@ def _concat_flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     # reshape(-1) per tensor costs a microsecond each. Use the fast path when the
     # shapes allow it (same trailing dims, none 0-dim).
     if not torch.compiler.is_compiling():
-        first = tensors[0]
-        if first.dim() >= 1:
-            tail = first.shape[1:]
-            if all(t.dim() == first.dim() and t.shape[1:] == tail for t in tensors):
-                return torch.cat(tensors).reshape(-1)
+        try:
+            return torch.cat(tensors).reshape(-1)
+        except RuntimeError:  # 0-dim tensors or different trailing dims: flatten each
+            pass
     return torch.cat([t.reshape(-1) for t in tensors])
