@@ -19,6 +19,11 @@ from .timing import best_of
 
 
 def _peak_rss_mib() -> float:
+    # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts from its parent's peak
+    # across exec, which would hide everything below the benchmark process's own size.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
