@@ -61,11 +61,11 @@ def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         seen.add(id(module))
         yield name, module
         prefix = f"{name}." if name else ""
-        stack.extend(
+        stack += [
             (prefix + child_name, child)
             for child_name, child in reversed(module._modules.items())
             if child is not None and child._modules
-        )
+        ]
 
 
 def _enabled_quantizer(module: nn.Module, attr: str) -> bool:

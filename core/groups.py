@@ -83,28 +83,35 @@ def compile_patterns(patterns: Iterable[str], where: str = "find_groups") -> tup
 
 # The defaults' shape, ``(?:(.*)\.)?(?:role|role|...)``: such a pattern fully matches exactly
 # the names whose last component is one of the roles, capturing what precedes the last dot.
-# A set lookup then replaces the regex, whose greedy ``.*`` backtracks over the whole name
-# (three patterns over 20k names: most of the cost of discovery).
+# When every pattern has it, one dict lookup per name replaces a regex per pattern, whose
+# greedy ``.*`` backtracks over the whole name (most of the cost of discovery on MoE models).
 _ROLE_PATTERN = re.compile(r"\(\?:\(\.\*\)\\\.\)\?\(\?:(\w+(?:\|\w+)*)\)")
 
 
-def _matcher(regex: re.Pattern) -> Callable[[str], tuple | None]:
-    """``name -> capture tuple`` if ``regex`` fully matches ``name``, else ``None``."""
-    shape = _ROLE_PATTERN.fullmatch(regex.pattern)
-    if shape is None:
+def _classifier(compiled: Sequence[re.Pattern]) -> Callable[[str], GroupKey | None]:
+    """``name -> (index of the first pattern that fully matches, its captures)``, or ``None``."""
+    shapes = [_ROLE_PATTERN.fullmatch(regex.pattern) for regex in compiled]
+    if all(shapes):
+        first: dict[str, int] = {}
+        for index, shape in enumerate(shapes):
+            for role in shape.group(1).split("|"):
+                first.setdefault(role, index)
 
-        def match(name: str) -> tuple | None:
+        def classify_by_role(name: str) -> GroupKey | None:
+            prefix, dot, last = name.rpartition(".")
+            index = first.get(last)
+            return None if index is None else (index, (prefix if dot else None,))
+
+        return classify_by_role
+
+    def classify(name: str) -> GroupKey | None:
+        for index, regex in enumerate(compiled):
             found = regex.fullmatch(name)
-            return None if found is None else found.groups()
+            if found is not None:
+                return index, found.groups()
+        return None
 
-        return match
-    roles = frozenset(shape.group(1).split("|"))
-
-    def match_role(name: str) -> tuple | None:
-        prefix, dot, last = name.rpartition(".")
-        return ((prefix if dot else None),) if last in roles else None
-
-    return match_role
+    return classify
 
 
 def parent_fqn(fqn: str) -> str:
@@ -114,7 +121,10 @@ def parent_fqn(fqn: str) -> str:
 
 def _common_ancestor(members: Sequence[str]) -> str:
     """Deepest module that is a strict ancestor of every member."""
-    parts = [parent_fqn(m).split(".") if "." in m else [] for m in members]
+    parents = {parent_fqn(m) for m in members}
+    if len(parents) == 1:  # siblings, the usual case
+        return parents.pop()
+    parts = [parent.split(".") if parent else [] for parent in parents]
     common = parts[0]
     for other in parts[1:]:
         length = 0
@@ -151,18 +161,16 @@ def find_groups(
     compiled = compile_patterns(patterns or ())
     if not compiled:
         return ()
-    matchers = [_matcher(regex) for regex in compiled]
+    classify = _classifier(compiled)
     buckets: dict[GroupKey, list[str]] = {}
     seen: set[str] = set()
     for name in names:
         if name in seen:
             continue
         seen.add(name)
-        for index, match in enumerate(matchers):
-            captures = match(name)
-            if captures is not None:
-                buckets.setdefault((index, captures), []).append(name)
-                break
+        key = classify(name)
+        if key is not None:
+            buckets.setdefault(key, []).append(name)
     skip = set(containers)
     groups = []
     for key, members in buckets.items():
