@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from sharedquant.core.groups import join_fqn
 from sharedquant.core.lifecycle import buffer_key
 from sharedquant.core.transforms import global_amax_entries, with_singletons
 
@@ -220,4 +221,4 @@ def calibrate(
 
 
 def _param_key(slot: _Slot) -> str:
-    return f"{slot.fqn}.{slot.weight}" if slot.fqn else slot.weight
+    return join_fqn(slot.fqn, slot.weight)

@@ -30,7 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members, member_key
+from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members
+from sharedquant.core.groups import join_fqn
 from sharedquant.core.groups import find_groups
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
@@ -200,17 +201,17 @@ def _scalar_like(value: float, info: TensorInfo) -> torch.Tensor:
 
 def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScales:
     keys = checkpoint.tensors
-    scale_key = member_key(fqn, fmt.scale)
+    scale_key = join_fqn(fqn, fmt.scale)
     derived = scale_key not in keys
     if not derived:
         scale = _read_scalar(checkpoint, scale_key)
     else:  # calibration state without a promoted global amax: its own amax is its scale
-        scale = round_up_to_fp32(reduce_amax(checkpoint.read(member_key(fqn, fmt.fallback)))).item()
-    input_key = member_key(fqn, fmt.input_scale) if fmt.input_scale else None
+        scale = round_up_to_fp32(reduce_amax(checkpoint.read(join_fqn(fqn, fmt.fallback)))).item()
+    input_key = join_fqn(fqn, fmt.input_scale) if fmt.input_scale else None
     input_scale = _read_scalar(checkpoint, input_key) if input_key in keys else None
     size = None
     if fmt.packed is not None:
-        packed, blocks = member_key(fqn, fmt.packed), member_key(fqn, fmt.block_scale)
+        packed, blocks = join_fqn(fqn, fmt.packed), join_fqn(fqn, fmt.block_scale)
         if packed not in keys or blocks not in keys:
             lacks = f"{fmt.packed} or {fmt.block_scale}"
             raise CheckpointError(f"{checkpoint.path}: {fqn!r} has {fmt.scale} but lacks {lacks}")
@@ -236,7 +237,7 @@ def _natural(name: str) -> list:
 def _location(checkpoint: Checkpoint, fmt: Format, fqn: str) -> tuple[int, int]:
     """Where a member's scale lies: reading in file order keeps page-ins sequential."""
     keys = checkpoint.tensors
-    info = keys.get(member_key(fqn, fmt.scale)) or keys[member_key(fqn, fmt.fallback)]
+    info = keys.get(join_fqn(fqn, fmt.scale)) or keys[join_fqn(fqn, fmt.fallback)]
     return checkpoint.position[info.shard], info.start
 
 
@@ -314,7 +315,7 @@ class _Writer:
 
 
 def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
-    keys = {name: member_key(fqn, getattr(fmt, name)) for name in ("packed", "block_scale", "scale")}
+    keys = {name: join_fqn(fqn, getattr(fmt, name)) for name in ("packed", "block_scale", "scale")}
     quantized, exact = requantize(
         checkpoint.read(keys["packed"]),
         checkpoint.read(keys["block_scale"]),
@@ -328,11 +329,11 @@ def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn
 
 
 def _set_scale(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> None:
-    key = member_key(fqn, fmt.scale)
+    key = join_fqn(fqn, fmt.scale)
     if key in checkpoint.tensors:
         writer.patch_scalar(key, shared)
     else:  # quantizer state without a global amax yet: it gains one
-        writer.add(key, member_key(fqn, fmt.fallback), torch.tensor(shared, dtype=torch.float32))
+        writer.add(key, join_fqn(fqn, fmt.fallback), torch.tensor(shared, dtype=torch.float32))
 
 
 def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, progress) -> None:
@@ -358,7 +359,7 @@ def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | Non
         for fqn in report.input_changed:
             result.inputs_unified.append(fqn)
             if writer is not None:
-                writer.patch_scalar(member_key(fqn, fmt.input_scale), report.shared_input_scale)
+                writer.patch_scalar(join_fqn(fqn, fmt.input_scale), report.shared_input_scale)
     checkpoint.release()
 
 

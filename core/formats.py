@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .groups import SHARED_PATTERNS
+from .groups import SHARED_PATTERNS, join_fqn
 
 __all__ = [
     "COMPRESSED_TENSORS",
@@ -35,7 +35,6 @@ __all__ = [
     "block_size",
     "detect_format",
     "find_members",
-    "member_key",
 ]
 
 MLA_PATTERN = r"(?:(.*)\.)?(?:q_a_proj|kv_a_proj_with_mqa)"
@@ -94,11 +93,6 @@ COMPRESSED_TENSORS = Format(
     reciprocal=True,
 )
 FORMATS: tuple[Format, ...] = (QUANTIZER_STATE, MODELOPT, COMPRESSED_TENSORS)
-
-
-def member_key(fqn: str, suffix: str) -> str:
-    """State-dict key of ``suffix`` on module ``fqn`` (``""`` is the root)."""
-    return f"{fqn}.{suffix}" if fqn else suffix
 
 
 def _member_of(key: str, suffixes: tuple[str, ...]) -> str | None:

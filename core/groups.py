@@ -25,6 +25,7 @@ __all__ = [
     "Group",
     "compile_patterns",
     "find_groups",
+    "join_fqn",
     "parent_fqn",
 ]
 
@@ -112,6 +113,11 @@ def _classifier(compiled: Sequence[re.Pattern]) -> Callable[[str], GroupKey | No
         return None
 
     return classify
+
+
+def join_fqn(fqn: str, name: str) -> str:
+    """The FQN of ``name`` under module ``fqn`` (``""`` is the root)."""
+    return f"{fqn}.{name}" if fqn else name
 
 
 def parent_fqn(fqn: str) -> str:

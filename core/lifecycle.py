@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .groups import Group
+from .groups import Group, join_fqn
 from .reduce import is_traced, reduce_amax_many, round_up_to_fp32
 from .state import UNSET, SharedAmax
 
@@ -34,7 +34,7 @@ GLOBAL_AMAX = "_global_amax"
 
 def buffer_key(fqn: str, quantizer: str, attr: str) -> str:
     """State-dict key of ``attr`` on the ``quantizer`` of module ``fqn`` (``""`` is the root)."""
-    return f"{fqn}.{quantizer}.{attr}" if fqn else f"{quantizer}.{attr}"
+    return join_fqn(fqn, f"{quantizer}.{attr}")
 
 
 def _describe(group: Group) -> str:

@@ -10,9 +10,8 @@ from sharedquant.core.formats import (
     block_size,
     detect_format,
     find_members,
-    member_key,
 )
-from sharedquant.core.groups import find_groups
+from sharedquant.core.groups import find_groups, join_fqn
 
 ATTN = "model.layers.0.self_attn"
 
@@ -77,8 +76,8 @@ def test_calibration_state_members_come_from_amax_or_global_amax():
 
 def test_a_key_at_the_root_names_the_root_module():
     assert find_members(["weight_scale_2", "weight"], MODELOPT) == ("",)
-    assert member_key("", "weight_scale") == "weight_scale"
-    assert member_key("a.b", "weight_scale") == "a.b.weight_scale"
+    assert join_fqn("", "weight_scale") == "weight_scale"
+    assert join_fqn("a.b", "weight_scale") == "a.b.weight_scale"
 
 
 def test_a_similar_suffix_is_not_a_scale_key():
