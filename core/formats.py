@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .groups import SHARED_PATTERNS, join_fqn
+from .groups import SHARED_PATTERNS
 
 __all__ = [
     "COMPRESSED_TENSORS",
