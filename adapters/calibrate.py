@@ -52,9 +52,10 @@ class _Slot:
         return buffer_key(self.fqn, self.attr, "_amax")
 
 
-def _slots(model: nn.Module) -> list[_Slot]:
+def _slots(modules: Iterable[tuple[str, nn.Module]]) -> list[_Slot]:
+    """The enabled quantizers that are children of ``modules`` (``(fqn, module)`` pairs)."""
     slots = []
-    for fqn, module in walk_modules(model):
+    for fqn, module in modules:
         for attr, child in module._modules.items():
             if not isinstance(child, TensorQuantizer) or not child.is_enabled:
                 continue
@@ -109,7 +110,7 @@ def max_calibrate(
         ValueError: a bad ``shared_states`` config (before anything is touched).
     """
     patterns = SharedWeightGlobalAmaxState.resolve_patterns(shared_states)
-    slots = _slots(model)
+    slots = _slots(walk_modules(model))
     SharedWeightGlobalAmaxState.attach(model, patterns)
     for slot in slots:
         if slot.weight is not None:
@@ -155,7 +156,7 @@ def set_ungrouped_global_amax(model: nn.Module) -> int:
     Returns:
         How many quantizers were set.
     """
-    return _set_ungrouped_global_amax(_slots(model))
+    return _set_ungrouped_global_amax(_slots(walk_modules(model)))
 
 
 def _set_ungrouped_global_amax(slots: list[_Slot]) -> int:
@@ -200,7 +201,8 @@ def calibrate(
     """
     patterns = SharedWeightGlobalAmaxState.resolve_patterns(shared_states)
     variables = dict(params_and_buffers)
-    slots = _slots(model)
+    groups, modules = discover_groups(model, patterns, "weight")  # its walk also gives the quantizers
+    slots = _slots(modules.items())
     new: dict[str, torch.Tensor] = {}
     for slot in slots:
         if slot.weight is not None:
@@ -215,7 +217,6 @@ def calibrate(
     for slot in slots:
         if slot.weight is None and new[slot.amax_key].item() == _UNOBSERVED:
             del new[slot.amax_key]
-    groups, _ = discover_groups(model, patterns, "weight")
     new.update(_global_amax_entries(groups, slots, new))
     return new
 

@@ -201,7 +201,7 @@ class SharedQuantState(nn.Module, ABC):
         """
         patterns = cls.default_patterns if patterns is None else patterns
         groups, modules = discover_groups(model, patterns, cls.target_quantizer_kind, where=f"{cls.__name__}.restore")
-        probes = [Probe(group, modules, cls) for group in groups]
+        probes = [Probe(group, tuple(modules[m] for m in group.members), cls.target_quantizer_kind) for group in groups]
         values = {attr: restore_values(probes, attr) for attr in cls.managed_attrs}
         for position, (state, _) in enumerate(attach_groups(cls, groups, modules)):
             for attr in cls.managed_attrs:

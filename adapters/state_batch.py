@@ -8,8 +8,8 @@ new values that the states tie. Mutates state and quantizer buffers only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -39,57 +39,51 @@ def member_device(state: SharedQuantState) -> torch.device:
     return next((p.device for p in weights), torch.device("cpu"))
 
 
-class Probe:
+class Probe(NamedTuple):
     """A group not attached yet: what restore checks before attaching anything."""
 
-    def __init__(self, group: Group, modules: Mapping[str, nn.Module], cls: type[SharedQuantState]) -> None:
-        self.group = group
-        attr = quantizer_attr(cls.target_quantizer_kind)
-        self.members = tuple(modules[m] for m in group.members)
-        self.target_quantizer_kind = cls.target_quantizer_kind
-        self._attr = attr
+    group: Group
+    members: tuple[nn.Module, ...]
+    target_quantizer_kind: str
 
-    def member_quantizers(self) -> list[nn.Module]:
-        return [q for q in (m._modules.get(self._attr) for m in self.members) if q is not None]
+
+def _member_buffers(states: Sequence, attr: str) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(state position, member index, buffer)`` for every member quantizer holding ``attr``."""
+    qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
+    for position, state in enumerate(states):
+        for index, member in enumerate(state.members):
+            quantizer = member._modules.get(qattr)
+            value = None if quantizer is None else quantizer._buffers.get(attr)
+            if value is not None:
+                yield position, index, value
 
 
 def core_view(states: Sequence, attr: str) -> tuple[tuple[Group, ...], dict[str, torch.Tensor], str]:
     """The states' groups and a buffer dict of their members' ``attr``, keyed as the core expects."""
-    kind = states[0].target_quantizer_kind if states else "weight"
-    qattr = quantizer_attr(kind)
+    qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
     groups = tuple(state.group for state in states)
     names = [m for g in groups for m in g.members]
     if len(set(names)) != len(names):  # states attached under different roots: make names unique
         groups = tuple(Group(g.key, f"[{i}]", tuple(f"[{i}].{m}" for m in g.members)) for i, g in enumerate(groups))
-    buffers: dict[str, torch.Tensor] = {}
-    for state, group in zip(states, groups):
-        for member, name in zip(state.members, group.members):
-            quantizer = member._modules.get(qattr)
-            value = None if quantizer is None else quantizer._buffers.get(attr)
-            if value is not None:
-                buffers[lifecycle.buffer_key(name, qattr, attr)] = value
+    buffers = {
+        lifecycle.buffer_key(groups[position].members[index], qattr, attr): value
+        for position, index, value in _member_buffers(states, attr)
+    }
     return groups, buffers, qattr
 
 
 def finalize_tensor(states: Sequence) -> torch.Tensor:
     """Every state's group max through the core's batched kernel, gathered by reference, not by name."""
     qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
-    tensors, group_ids, where = [], [], []
-    for position, state in enumerate(states):
-        for index, member in enumerate(state.members):
-            quantizer = member._modules.get(qattr)
-            amax = None if quantizer is None else quantizer._buffers.get("_amax")
-            if amax is not None and not amax.is_meta:
-                tensors.append(amax)
-                group_ids.append(position)
-                where.append((position, index))
+    gathered = [(position, index, amax) for position, index, amax in _member_buffers(states, "_amax") if not amax.is_meta]
 
     def describe(i: int) -> str:
-        position, index = where[i]
+        position, index, _ = gathered[i]
         return lifecycle.buffer_key(states[position].group.members[index], qattr, "_amax")
 
+    tensors = [amax for _, _, amax in gathered]
     device = None if tensors or not states else member_device(states[0])
-    return lifecycle.group_amax(tensors, group_ids, len(states), describe=describe, device=device)
+    return lifecycle.group_amax(tensors, [position for position, _, _ in gathered], len(states), describe=describe, device=device)
 
 
 def finalize_values(states: Sequence) -> list[torch.Tensor | None]:
