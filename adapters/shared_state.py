@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain, repeat
 from typing import ClassVar
 
 import torch
@@ -26,17 +27,20 @@ from sharedquant.core.state import UNSET, SharedAmax
 from .modules import discover_groups, quantizer_attr
 from .quantizer import TensorQuantizer
 from .state_batch import (
+    MemberQuantizers,
     Probe,
     assign,
     finalize_tensor,
     finalize_values,
     first_parallel_state,
+    first_parallel_states,
     member_device,
     restore_values,
     sync_by_parallel_state,
 )
+from .state_index import indexed_states, track
 from .state_registry import SHARED_STATES, attach_groups
-from .tying import is_tied, keep_fp32_, tie_, untie_
+from .tying import is_tied, keep_fp32_, tie_, tie_all_, untie_
 
 __all__ = ["SHARED_STATES", "SharedQuantState", "SharedWeightGlobalAmaxState", "iter_shared_quant_states"]
 
@@ -60,6 +64,12 @@ class SharedQuantState(nn.Module, ABC):
         # Plain attributes, not submodules: the members and parent already live in
         # the model tree, registering them here would duplicate them in state_dict.
         self.__dict__.update(_parent=None, _members=(), _hook_handles=[], _group=None)
+        track(self)
+
+    def __setstate__(self, state) -> None:
+        # deepcopy and unpickling make states without __init__: count them as live too
+        super().__setstate__(state)
+        track(self)
 
     # -- membership -------------------------------------------------------------------
     def set_members(self, parent: nn.Module, members: Sequence[nn.Module]) -> None:
@@ -119,6 +129,12 @@ class SharedQuantState(nn.Module, ABC):
         for quantizer in self.member_quantizers():
             self.tie_member_quantizer(quantizer)
 
+    @classmethod
+    def tie_states(cls, states: Sequence[SharedQuantState]) -> None:
+        """``tie_member_quantizers`` on every state (subclasses batch it)."""
+        for state in states:
+            state.tie_member_quantizers()
+
     def restore_from_members(self) -> bool:
         """Rebuild the canonical buffers from the members' loaded ones and tie; return whether any was set.
 
@@ -176,19 +192,19 @@ class SharedQuantState(nn.Module, ABC):
     def populate(cls, model: nn.Module) -> int:
         """Finalize and sync every state of this class in ``model``; return how many hold a value."""
         states = list(iter_shared_quant_states(model, cls))
-        cls._populate_states(states)
-        populated = 0
-        for state in states:
-            if SharedQuantState.finalize(state):
+        populated = [state for state, ok in zip(states, cls._populate_states(states)) if ok]
+        for state in populated:
+            if state.__dict__["_hook_handles"]:
                 state.remove_hooks()  # calibration is over
-                populated += 1
-        return populated
+        return len(populated)
 
     @classmethod
-    def _populate_states(cls, states: list[SharedQuantState]) -> None:
+    def _populate_states(cls, states: list[SharedQuantState]) -> list[bool]:
+        """Finalize and sync ``states``; whether each now holds a value."""
         for state in states:
             if state.finalize():
                 state.sync(first_parallel_state(state))
+        return [SharedQuantState.finalize(state) for state in states]
 
     @classmethod
     def restore(cls, model: nn.Module, patterns: Sequence[str] | None = None) -> None:
@@ -203,11 +219,12 @@ class SharedQuantState(nn.Module, ABC):
         groups, modules = discover_groups(model, patterns, cls.target_quantizer_kind, where=f"{cls.__name__}.restore")
         probes = [Probe(group, tuple(modules[m] for m in group.members), cls.target_quantizer_kind) for group in groups]
         values = {attr: restore_values(probes, attr) for attr in cls.managed_attrs}
-        for position, (state, _) in enumerate(attach_groups(cls, groups, modules)):
+        states = [state for state, _ in attach_groups(cls, groups, modules)]
+        for position, state in enumerate(states):
             for attr in cls.managed_attrs:
                 if values[attr][position] is not None:
                     state._set_value(attr, values[attr][position])
-            state.tie_member_quantizers()
+        cls.tie_states(states)
 
     @classmethod
     def metadata(cls, model: nn.Module) -> dict[str, bool]:
@@ -243,18 +260,35 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
             for quantizer in self.member_quantizers():
                 if is_tied(quantizer, "_global_amax", current):
                     untie_(quantizer, "_global_amax")
-        value = None if value is None else round_up_to_fp32(torch.as_tensor(value).detach().reshape(()))
+        # A copy: a state owns its value, so a populate updating it in place never
+        # writes through to the caller's tensor or to another state given the same one.
+        value = None if value is None else round_up_to_fp32(torch.as_tensor(value).detach().reshape(())).clone()
         self._set_value("_global_amax", value)
         self.tie_member_quantizers()
 
     def tie_member_quantizer(self, quantizer: nn.Module) -> bool:
         """Tie one member quantizer when it can hold a global amax and the value is set."""
         value = self._buffers.get("_global_amax")
-        if value is None or not (isinstance(quantizer, TensorQuantizer) or hasattr(quantizer, "global_amax")):
+        if value is None or not _holds_global_amax(quantizer):
             return False
-        if not is_tied(quantizer, "_global_amax", value):
-            tie_(quantizer, "_global_amax", value)
+        tie_all_((quantizer,), "_global_amax", (value,))
         return True
+
+    def tie_member_quantizers(self) -> None:
+        """Tie every member quantizer that can hold a global amax (none while unset)."""
+        type(self).tie_states([self])
+
+    @classmethod
+    def tie_states(cls, states: Sequence[SharedQuantState], members: MemberQuantizers | None = None) -> None:
+        """Tie the members of all ``states`` in one pass (``members``: their gathered quantizers)."""
+        members = MemberQuantizers.of(states) if members is None else members
+        values = list(chain.from_iterable(map(repeat, [s._buffers.get("_global_amax") for s in states], members.counts)))
+        quantizers = members.quantizers
+        kinds = set(map(type, quantizers))
+        if type(None) in kinds or not all(map(_holds_global_amax_kind, kinds)) or any(v is None for v in values):
+            pairs = [(q, v) for q, v in zip(quantizers, values) if v is not None and q is not None and _holds_global_amax(q)]
+            quantizers, values = [q for q, _ in pairs], [v for _, v in pairs]
+        tie_all_(quantizers, "_global_amax", values)
 
     def finalize(self) -> bool:
         """Set ``global_amax`` to the max over the members' calibrated ``_amax``; return whether set."""
@@ -284,16 +318,42 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
             self.global_amax = synced
 
     @classmethod
-    def _populate_states(cls, states: list[SharedQuantState]) -> None:
+    def _populate_states(cls, states: list[SharedQuantState]) -> list[bool]:
         # All groups at once: one finalize, one collective per process group, then
-        # in-place updates (states already holding a value) or new values + ties.
-        values = finalize_tensor(states)
-        values = sync_by_parallel_state(states, values)
-        assign(states, values, "_global_amax")
+        # in-place updates (states already holding a value) or new values, then ties.
+        members = MemberQuantizers.of(states)
+        values = finalize_tensor(states, members)
+        values = sync_by_parallel_state(states, values, first_parallel_states(states, members))
+        assigned = assign(states, values, "_global_amax")
+        if all(assigned):
+            cls.tie_states(states, members)
+        else:
+            cls.tie_states([state for state, ok in zip(states, assigned) if ok])
+        return [(value := s._buffers.get("_global_amax")) is not None and not value.is_meta for s in states]
+
+
+_HOLDS_GLOBAL_AMAX: dict[type, bool] = {}
+
+
+def _holds_global_amax_kind(kind: type) -> bool:
+    """Whether every quantizer of class ``kind`` can hold a global amax."""
+    holds = _HOLDS_GLOBAL_AMAX.get(kind)
+    if holds is None:
+        holds = _HOLDS_GLOBAL_AMAX[kind] = issubclass(kind, TensorQuantizer) or hasattr(kind, "global_amax")
+    return holds
+
+
+def _holds_global_amax(quantizer: nn.Module) -> bool:
+    """Whether a quantizer can hold a global amax: ours, or one with a ``global_amax`` attribute."""
+    return _holds_global_amax_kind(type(quantizer)) or hasattr(quantizer, "global_amax")
 
 
 def iter_shared_quant_states(model: nn.Module, state_cls: type[SharedQuantState] = SharedQuantState) -> Iterator[SharedQuantState]:
     """Yield the shared quant states of class ``state_cls`` owned anywhere in ``model``, in model order."""
+    indexed = indexed_states(model)
+    if indexed is not None:
+        yield from (state for state in indexed if isinstance(state, state_cls))
+        return
     # A state list is a ModuleList of leaves; only modules with children can own one.
     # No names are needed here, so this walk skips building them (populate's main cost).
     seen: set[int] = set()

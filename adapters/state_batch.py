@@ -8,11 +8,14 @@ new values that the states tie. Mutates state and quantizer buffers only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate, chain, repeat
+from operator import attrgetter, is_
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from sharedquant.core import lifecycle
 from sharedquant.core.groups import Group
@@ -25,12 +28,29 @@ if TYPE_CHECKING:
 
 def first_parallel_state(state: SharedQuantState):
     """The first ``parallel_state`` a member carries, or ``None``."""
-    for member in state.members:
-        attrs = member.__dict__  # a plain attribute on QuantLinear: skip nn.Module.__getattr__
-        parallel_state = attrs["parallel_state"] if "parallel_state" in attrs else getattr(member, "parallel_state", None)
-        if parallel_state is not None:
-            return parallel_state
-    return None
+    return first_parallel_states([state])[0]
+
+
+def first_parallel_states(states: Sequence[SharedQuantState], members: MemberQuantizers | None = None) -> list:
+    """``first_parallel_state`` of every state, in one pass over the flat members."""
+    members = MemberQuantizers.of(states) if members is None else members
+    # A plain attribute on QuantLinear, a class-level one on modelopt's modules; the
+    # nn.Module.__getattr__ fallback (slow, and it raises) is never needed.
+    found = [
+        attrs["parallel_state"] if "parallel_state" in attrs else _class_level_parallel_state(member)
+        for member, attrs in zip(members.members, map(attrgetter("__dict__"), members.members))
+    ]
+    if found.count(None) == len(found):
+        return [None] * len(states)
+    firsts, start = [], 0
+    for count in members.counts:
+        firsts.append(next((p for p in found[start : start + count] if p is not None), None))
+        start += count
+    return firsts
+
+
+def _class_level_parallel_state(member: nn.Module):
+    return getattr(member, "parallel_state", None) if hasattr(type(member), "parallel_state") else None
 
 
 def member_device(state: SharedQuantState) -> torch.device:
@@ -47,15 +67,36 @@ class Probe(NamedTuple):
     target_quantizer_kind: str
 
 
-def _member_buffers(states: Sequence, attr: str) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(state position, member index, buffer)`` for every member quantizer holding ``attr``."""
-    qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
-    for position, state in enumerate(states):
-        for index, member in enumerate(state.members):
-            quantizer = member._modules.get(qattr)
-            value = None if quantizer is None else quantizer._buffers.get(attr)
-            if value is not None:
-                yield position, index, value
+class MemberQuantizers(NamedTuple):
+    """The members of a list of states and their target quantizers, flat, in state order.
+
+    Gathered with C-level iteration (``map`` over dict lookups): populate and restore
+    touch every member of every group, 12k on a 48-layer, 128-expert MoE.
+    """
+
+    members: list[nn.Module]
+    quantizers: list[nn.Module | None]  # None: the member has no target quantizer
+    counts: list[int]  # members per state
+
+    @classmethod
+    def of(cls, states: Sequence) -> MemberQuantizers:
+        qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
+        per_state = [state.members for state in states]
+        members = list(chain.from_iterable(per_state))
+        return cls(members, [member._modules.get(qattr) for member in members], list(map(len, per_state)))
+
+    def positions(self) -> list[int]:
+        """The state position of each flat entry."""
+        return list(chain.from_iterable(map(repeat, range(len(self.counts)), self.counts)))
+
+    def buffers(self, attr: str) -> list[torch.Tensor | None]:
+        """Each quantizer's ``attr`` buffer (``None`` where absent)."""
+        return [None if q is None else q._buffers.get(attr) for q in self.quantizers]
+
+    def locate(self, flat: int) -> tuple[int, int]:
+        """``(state position, member index)`` of flat entry ``flat``."""
+        position = bisect_right(list(accumulate(self.counts)), flat)
+        return position, flat - sum(self.counts[:position])
 
 
 def core_view(states: Sequence, attr: str) -> tuple[tuple[Group, ...], dict[str, torch.Tensor], str]:
@@ -65,25 +106,31 @@ def core_view(states: Sequence, attr: str) -> tuple[tuple[Group, ...], dict[str,
     names = [m for g in groups for m in g.members]
     if len(set(names)) != len(names):  # states attached under different roots: make names unique
         groups = tuple(Group(g.key, f"[{i}]", tuple(f"[{i}].{m}" for m in g.members)) for i, g in enumerate(groups))
+    members = MemberQuantizers.of(states)
+    indices = chain.from_iterable(map(range, members.counts))
     buffers = {
         lifecycle.buffer_key(groups[position].members[index], qattr, attr): value
-        for position, index, value in _member_buffers(states, attr)
+        for position, index, value in zip(members.positions(), indices, members.buffers(attr))
+        if value is not None
     }
     return groups, buffers, qattr
 
 
-def finalize_tensor(states: Sequence) -> torch.Tensor:
+def finalize_tensor(states: Sequence, members: MemberQuantizers | None = None) -> torch.Tensor:
     """Every state's group max through the core's batched kernel, gathered by reference, not by name."""
+    members = MemberQuantizers.of(states) if members is None else members
+    amaxes, positions = members.buffers("_amax"), members.positions()
+    present = [i for i, amax in enumerate(amaxes) if amax is not None and not amax.is_meta]
+    if len(present) != len(amaxes):
+        amaxes, positions = [amaxes[i] for i in present], [positions[i] for i in present]
     qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
-    gathered = [(position, index, amax) for position, index, amax in _member_buffers(states, "_amax") if not amax.is_meta]
 
     def describe(i: int) -> str:
-        position, index, _ = gathered[i]
+        position, index = members.locate(present[i])
         return lifecycle.buffer_key(states[position].group.members[index], qattr, "_amax")
 
-    tensors = [amax for _, _, amax in gathered]
-    device = None if tensors or not states else member_device(states[0])
-    return lifecycle.group_amax(tensors, [position for position, _, _ in gathered], len(states), describe=describe, device=device)
+    device = None if amaxes or not states else member_device(states[0])
+    return lifecycle.group_amax(amaxes, positions, len(states), describe=describe, device=device)
 
 
 def finalize_values(states: Sequence) -> list[torch.Tensor | None]:
@@ -100,16 +147,18 @@ def unpack(values: torch.Tensor) -> list[torch.Tensor | None]:
     return [value if ok else None for value, ok in zip(values.unbind(), (values > UNSET).tolist())]
 
 
-def sync_by_parallel_state(states: Sequence[SharedQuantState], values: torch.Tensor) -> torch.Tensor:
-    """One ``sync_shared_amax`` per distinct set of process groups; unset groups take part too."""
+def sync_by_parallel_state(states: Sequence[SharedQuantState], values: torch.Tensor, parallel_states: Sequence) -> torch.Tensor:
+    """One ``sync_shared_amax`` per distinct set of process groups; unset groups take part too.
+
+    ``parallel_states`` holds each state's ``first_parallel_state``.
+    """
     from .distributed import process_groups, sync_shared_amax
 
     # Keyed by the process groups, not the ParallelState object: modelopt gives every
     # module its own object, which would cost one collective per state.
     by_parallel_state: dict[tuple[int, ...], tuple[object, list[int]]] = {}
     resolved: dict[int, tuple[int, ...]] = {}
-    for position, state in enumerate(states):
-        parallel_state = first_parallel_state(state)
+    for position, parallel_state in enumerate(parallel_states):
         if parallel_state is None:
             continue
         key = resolved.get(id(parallel_state))
@@ -127,18 +176,52 @@ def sync_by_parallel_state(states: Sequence[SharedQuantState], values: torch.Ten
     return values
 
 
-def assign(states: Sequence[SharedQuantState], values: torch.Tensor, attr: str) -> None:
-    """Move new values into the states: in place where a state already holds one, else set and tie."""
+def assign(states: Sequence[SharedQuantState], values: torch.Tensor, attr: str) -> list[bool]:
+    """Move new values into the states: in place where a state already holds one, else set.
+
+    Returns which states got a value; the caller ties their members to it.
+    """
+    assigned = values > UNSET
+    currents = [state._buffers.get(attr) for state in states]
+    base = _shared_base(currents, values)
+    if base is not None:  # every state holds its own element of one tensor: one copy for all
+        base.copy_(torch.where(assigned, values, base))
+        return assigned.tolist()
     targets, sources = [], []
-    for state, value in zip(states, unpack(values)):
+    device, dtype = values.device, values.dtype
+    unpacked = unpack(values)
+    for state, value in zip(states, unpacked):
         if value is None:
             continue
         current = state._buffers.get(attr)
-        if current is not None and current.device == value.device and current.dtype == value.dtype and current.dim() == 0:
+        if current is not None and current.dtype is dtype and current.device == device and current.dim() == 0:
             targets.append(current)
             sources.append(value)
         else:
             state._set_value(attr, value)
-        state.tie_member_quantizers()
     if targets:
         torch._foreach_copy_(targets, sources)
+    return [value is not None for value in unpacked]
+
+
+def _shared_base(currents: list[torch.Tensor | None], values: torch.Tensor) -> torch.Tensor | None:
+    """The 1-D tensor whose element ``i`` is ``currents[i]``, if there is one, else ``None``.
+
+    A populate leaves each state a 0-dim view of one tensor (``unpack``); the next
+    populate then updates all of them with one copy instead of one per state.
+    """
+    first = currents[0] if currents else None
+    base = None if first is None else first._base
+    if base is None or base.dim() != 1 or len(base) != len(currents) or base.dtype is not values.dtype:
+        return None
+    if base.device != values.device or not all(map(is_, map(_base_of, currents), repeat(base))):
+        return None
+    start, stride = base.storage_offset(), base.stride(0)
+    offsets = range(start, start + stride * len(currents), stride)
+    if any(map(Tensor.dim, currents)) or list(map(Tensor.storage_offset, currents)) != list(offsets):
+        return None
+    return base
+
+
+def _base_of(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor._base

@@ -15,13 +15,13 @@ from torch import nn
 from sharedquant.core import lifecycle
 from sharedquant.core.groups import Group
 
+from . import state_index
 from .modules import CONTAINERS, quantizer_attr
+from .state_index import SHARED_STATES
 from .tying import untie_
 
 if TYPE_CHECKING:
     from .shared_state import SharedQuantState
-
-SHARED_STATES = "_shared_quant_states"
 
 
 def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules: Mapping[str, nn.Module]):
@@ -74,6 +74,7 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
         register(modules[group.parent], state)
         state.install_hooks()
         result.append((state, True))
+    state_index.build(modules[""], modules)
     return result
 
 

@@ -1,0 +1,94 @@
+"""Where a model's states are, found without walking the model: an index checked in O(states).
+
+``populate`` and ``iter_shared_quant_states`` need every state in a model, and walking
+the ~80k modules of a 48-layer, 128-expert MoE costs more than all the rest of a
+populate. So ``attach`` (and ``restore``) leave an index on the root: every link
+on the paths from the root to its states, as (``_modules`` dict, name, module).
+
+An index is used only when it is still exact:
+
+* every link still holds, checked by identity (a module replaced, deleted or moved on
+  a path, a state list swapped, a state removed: the link fails);
+* every state alive in the process is in it (a state attached through another root, a
+  subtree with states moved in, a deep copy alive beside the model: the count differs).
+
+Otherwise the caller walks the model, as it would without an index. The checks are
+C-level iterations: about 0.1 us per link.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .shared_state import SharedQuantState
+
+INDEX = "_shared_quant_state_index"
+SHARED_STATES = "_shared_quant_states"
+
+# Every SharedQuantState alive in the process (added by __init__ and __setstate__).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def track(state: SharedQuantState) -> None:
+    """Count ``state`` among the live states (its constructor and unpickler call this)."""
+    _LIVE.add(state)
+
+
+class StateIndex(NamedTuple):
+    """The links from a root to its states, and the states in model order."""
+
+    dicts: tuple[dict, ...]
+    names: tuple[str, ...]
+    targets: tuple[object, ...]
+    states: tuple[SharedQuantState, ...]
+
+    def holds(self) -> bool:
+        """Whether the index still names exactly the states in its model."""
+        return len(self.states) == len(_LIVE) and all(
+            map(operator.is_, map(dict.get, self.dicts, self.names), self.targets)
+        )
+
+
+def build(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """Index every state list in ``modules`` (FQN -> module, in model order, from one walk) on ``model``."""
+    links: dict[tuple[int, str], tuple[dict, str, object]] = {}
+    states: list[SharedQuantState] = []
+    for fqn, module in modules.items():
+        state_list = module._modules.get(SHARED_STATES)
+        if state_list is None or not _link_path(links, modules, fqn):
+            continue
+        links[(id(module._modules), SHARED_STATES)] = (module._modules, SHARED_STATES, state_list)
+        for name, state in state_list._modules.items():
+            links[(id(state_list._modules), name)] = (state_list._modules, name, state)
+            states.append(state)
+    dicts, names, targets = zip(*links.values()) if links else ((), (), ())
+    model.__dict__[INDEX] = StateIndex(dicts, names, targets, tuple(dict.fromkeys(states)))
+
+
+def _link_path(links: dict, modules: Mapping[str, nn.Module], fqn: str) -> bool:
+    # One link per step from the root to ``fqn``, shared prefixes added once. A name
+    # that is not a plain dotted path (no parent in ``modules``) is left unindexed,
+    # which makes the index fail its count: the walk then finds that state.
+    while fqn:
+        parent, _, name = fqn.rpartition(".")
+        owner = modules.get(parent)
+        if owner is None:
+            return False
+        key = (id(owner._modules), name)
+        if key in links:
+            return True
+        links[key] = (owner._modules, name, modules[fqn])
+        fqn = parent
+    return True
+
+
+def indexed_states(model: nn.Module) -> tuple[SharedQuantState, ...] | None:
+    """The states of ``model`` from its index, or ``None`` when it has none that holds."""
+    index = model.__dict__.get(INDEX)
+    return index.states if index is not None and index.holds() else None
