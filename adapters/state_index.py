@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from torch import nn
@@ -55,13 +55,18 @@ class StateIndex(NamedTuple):
         )
 
 
-def build(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
-    """Index every state list in ``modules`` (FQN -> module, in model order, from one walk) on ``model``."""
+def build(model: nn.Module, modules: Mapping[str, nn.Module], holders: Sequence[str]) -> None:
+    """Index the state lists of ``holders`` on ``model``.
+
+    ``modules`` maps FQN -> module for one walk of ``model``; ``holders`` names, in
+    model order, every module in it that owns a state list.
+    """
     links: dict[tuple[int, str], tuple[dict, str, object]] = {}
     states: list[SharedQuantState] = []
-    for fqn, module in modules.items():
-        state_list = module._modules.get(SHARED_STATES)
-        if state_list is None or not _link_path(links, modules, fqn):
+    for fqn in holders:
+        module = modules[fqn]
+        state_list = module._modules[SHARED_STATES]
+        if not _link_path(links, modules, fqn):
             continue
         links[(id(module._modules), SHARED_STATES)] = (module._modules, SHARED_STATES, state_list)
         for name, state in state_list._modules.items():

@@ -31,8 +31,8 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
     leaves the model as it was.
     """
     owner: dict[int, SharedQuantState] = {}
-    for module in modules.values():
-        for state in module._modules.get(SHARED_STATES, ()) or ():
+    for fqn in _holders(modules):
+        for state in modules[fqn]._modules[SHARED_STATES]:
             if same_kind(state, cls):
                 owner.update((id(m), state) for m in state.members)
     plan = []
@@ -74,8 +74,13 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
         register(modules[group.parent], state)
         state.install_hooks()
         result.append((state, True))
-    state_index.build(modules[""], modules)
+    state_index.build(modules[""], modules, _holders(modules))
     return result
+
+
+def _holders(modules: Mapping[str, nn.Module]) -> list[str]:
+    """FQNs of the modules that own a state list, in model order."""
+    return [fqn for fqn, module in modules.items() if module._modules.get(SHARED_STATES) is not None]
 
 
 def same_kind(state: SharedQuantState, cls: type[SharedQuantState]) -> bool:
