@@ -16,7 +16,9 @@ one-element result of an axis reduction) and close three gaps of the peer:
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 
 import torch
 
@@ -43,6 +45,11 @@ _FNUZ = tuple(getattr(torch, name) for name in ("float8_e4m3fnuz", "float8_e5m2f
 _FNUZ_NAN = 0x80
 # Bytes masked per step: bounds the scratch memory of a float8 reduction.
 _FLOAT8_CHUNK = 1 << 24
+# On CPU, torch.cat copies input by input through a TensorIterator (about a microsecond
+# each) unless its output has fewer elements than at::internal::GRAIN_SIZE (32768), where
+# it takes a serial copy loop several times faster. Thousands of small amaxes are
+# concatenated in chunks below that size.
+_SERIAL_CAT_ELEMENTS = 32767
 
 
 def is_traced(tensor: torch.Tensor) -> bool:
@@ -308,27 +315,62 @@ def reduce_amax_many(tensors: Sequence[torch.Tensor], segment_ids: torch.Tensor,
         A 1-D tensor of ``num_segments`` maxima in the widest input float dtype (at
         least fp32); ``-inf`` where no tensor contributed. NaN propagates.
     """
+    return _reduce_amax_many(tensors, [t.numel() for t in tensors], segment_ids, num_segments)
+
+
+def _reduce_amax_many(
+    tensors: Sequence[torch.Tensor], lengths: list[int], segment_ids: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """``reduce_amax_many`` for a caller that already holds every tensor's ``numel()`` (``lengths``)."""
     if not tensors:
         return torch.full((num_segments,), float("-inf"), device=segment_ids.device)
-    widened = [t.to(torch.get_default_dtype()) if t.dtype in _FLOAT8 else t for t in tensors]
-    flat = _concat_flat(widened)
+    flat = _concat_flat(tensors, lengths)
     if not flat.is_floating_point():
         flat = flat.to(torch.float64)  # exact for integers up to 2**53; narrowing to fp32 rounds up
     elif flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.to(torch.float32)
-    lengths = torch.tensor([t.numel() for t in tensors], device=flat.device)
-    element_ids = torch.repeat_interleave(segment_ids.to(flat.device), lengths, output_size=flat.numel())
+    # a Python list of ints converts three times faster with its dtype given
+    counts = torch.tensor(lengths, dtype=torch.int64, device=flat.device)
+    element_ids = torch.repeat_interleave(segment_ids.to(flat.device), counts, output_size=flat.numel())
     out = torch.full((num_segments,), float("-inf"), dtype=flat.dtype, device=flat.device)
     return out.scatter_reduce_(0, element_ids, flat.abs(), "amax")
 
 
-def _concat_flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    # One cat of the tensors as they are costs a few microseconds per thousand; a
-    # reshape(-1) per tensor costs a microsecond each. Use the fast path when the
-    # shapes allow it (same trailing dims, none 0-dim).
+def _concat_flat(tensors: Sequence[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """All elements in one 1-D tensor; float8 widened to the default dtype (no float8 arithmetic)."""
+    # One cat of the tensors as they are costs well under a microsecond each; a
+    # reshape(-1) or a widening per tensor costs a microsecond each. Use the fast paths
+    # when the shapes allow them (same trailing dims, or all 0-dim for a stack) and the
+    # dtypes do (torch refuses to promote float8, so a cat that succeeds has one float8
+    # dtype or none).
     if not torch.compiler.is_compiling():
-        try:
-            return torch.cat(tensors).reshape(-1)
-        except RuntimeError:  # 0-dim tensors or different trailing dims: flatten each
-            pass
-    return torch.cat([t.reshape(-1) for t in tensors])
+        for concat in (_chunked_cat, _stack_scalars):
+            try:
+                flat = concat(tensors, lengths).reshape(-1)
+            except RuntimeError:  # 0-dim tensors, different trailing dims, float8 mixed with another dtype
+                continue
+            return flat.to(torch.get_default_dtype()) if flat.dtype in _FLOAT8 else flat
+    widened = [t.to(torch.get_default_dtype()) if t.dtype in _FLOAT8 else t for t in tensors]
+    return torch.cat([t.reshape(-1) for t in widened])
+
+
+def _chunked_cat(tensors: Sequence[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """``torch.cat(tensors)``; on CPU in chunks of fewer than ``_SERIAL_CAT_ELEMENTS`` elements."""
+    if tensors[0].device.type != "cpu":
+        return torch.cat(tensors)
+    ends = list(accumulate(lengths))
+    chunks, start = [], 0
+    while start < len(tensors):
+        below = (ends[start - 1] if start else 0) + _SERIAL_CAT_ELEMENTS
+        stop = max(bisect_right(ends, below, lo=start), start + 1)
+        chunks.append(torch.cat(tensors[start:stop]))
+        start = stop
+    if len({chunk.dtype for chunk in chunks}) > 1:
+        # Chunks promoted to different dtypes would convert some elements twice; one cat converts once.
+        return torch.cat(tensors)
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def _stack_scalars(tensors: Sequence[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """``torch.stack(tensors)``: one call for 0-dim tensors, which cat refuses."""
+    return torch.stack(tensors)

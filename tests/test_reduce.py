@@ -366,6 +366,23 @@ def test_reduce_amax_many_widens_and_propagates_nan():
     assert math.isnan(nan.item())
 
 
+def test_reduce_amax_many_of_thousands_of_tensors_equals_one_by_one():
+    # Enough elements for the CPU cat to be split. Alone, the int64 + float16 lead would promote
+    # to float16 (70000 -> inf); among all the tensors it promotes to float64, which holds 70000.
+    generator = torch.Generator().manual_seed(0)
+    lead = torch.zeros(30000, 1, dtype=torch.int64)
+    lead[7] = -70000
+    tensors = [lead, torch.full((2767, 1), 1.5, dtype=torch.float16)]
+    tensors += [torch.randn(16, 1, generator=generator) * (i % 7 + 1) for i in range(3000)]
+    tensors += [torch.tensor([[-(2.0**-20)]]), torch.randn(3, 1, generator=generator).to(torch.float64)]
+    segments = torch.arange(len(tensors)) % 97
+    out = reduce_amax_many(tensors, segments, 97)
+    expected = [max(t.double().abs().max().item() for t in tensors[s::97]) for s in range(97)]
+    assert out.dtype == torch.float64 and out.tolist() == expected and out[0].item() == 70000.0
+    scalars = [torch.tensor(float(i % 11) - 5.0) for i in range(40000)]  # 0-dim: cat refuses them
+    assert reduce_amax_many(scalars, torch.zeros(40000, dtype=torch.int64), 1).tolist() == [5.0]
+
+
 def test_reduce_amax_many_of_nothing_is_all_unset():
     assert torch.equal(reduce_amax_many([], torch.tensor([], dtype=torch.int64), 2), torch.full((2,), float("-inf")))
 
