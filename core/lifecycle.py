@@ -19,17 +19,22 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from itertools import compress
+from operator import attrgetter
 
 import torch
 
 from .groups import Group, join_fqn
-from .reduce import is_traced, reduce_amax_many, round_up_to_fp32
+from .reduce import _reduce_amax_many, is_traced, reduce_amax_many, round_up_to_fp32
 from .state import UNSET, SharedAmax
 
 __all__ = ["buffer_key", "finalize", "group_amax", "member_entries", "restore", "sync"]
 
 AMAX = "_amax"
 GLOBAL_AMAX = "_global_amax"
+
+_DEVICE = attrgetter("device")
+_IS_CPU = attrgetter("is_cpu")  # a bool per tensor; reading .device builds a torch.device each
 
 
 def buffer_key(fqn: str, quantizer: str, attr: str) -> str:
@@ -41,8 +46,33 @@ def _describe(group: Group) -> str:
     return f"group {group.parent or '<root>'!r} {group.key!r}"
 
 
-def _check_groups(fn: str, groups) -> tuple[Group, ...]:
+def _members(groups: Sequence[Group]) -> list[str]:
+    """Every member FQN, group after group."""
+    return [member for group in groups for member in group.members]
+
+
+def _member_positions(groups: Sequence[Group], count: int, device: torch.device) -> torch.Tensor:
+    """The position of each member's group, member after member (int64, ``count`` long)."""
+    sizes = torch.tensor([len(group.members) for group in groups], dtype=torch.int64, device=device)
+    return torch.repeat_interleave(sizes, output_size=count)
+
+
+def _member_keys(members: Sequence[str], quantizer: str, attr: str) -> list[str]:
+    """``buffer_key`` of every member, as one comprehension (a call per member costs more than the key)."""
+    root = buffer_key("", quantizer, attr)
+    suffix = f".{root}"
+    return [member + suffix if member else root for member in members]
+
+
+def _check_groups(fn: str, groups) -> tuple[tuple[Group, ...], list[str]]:
+    """The groups as a tuple, and their members; refuses non-groups and members claimed twice."""
     groups = tuple(groups)
+    if all(issubclass(kind, Group) for kind in set(map(type, groups))):
+        members = _members(groups)
+        if len(set(members)) == len(members):
+            return groups, members
+    # A member listed twice (even within one group, which is allowed) or a non-group:
+    # the per-group walk decides, and names the first offender.
     owner: dict[str, Group] = {}
     for group in groups:
         if not isinstance(group, Group):
@@ -54,14 +84,59 @@ def _check_groups(fn: str, groups) -> tuple[Group, ...]:
                     f"{fn}: {member!r} is claimed by {_describe(other)} and by {_describe(group)}; "
                     "a fused tensor cannot have two scales (the pattern sets overlap)"
                 )
-    return groups
+    return groups, _members(groups)
 
 
-def _gather(fn: str, groups: tuple[Group, ...], buffers: Mapping[str, torch.Tensor], quantizer: str, attr: str):
-    """Present, materialised member buffers with their group and member indices."""
+def _gather(fn: str, groups: tuple[Group, ...], members: list[str], buffers, quantizer: str, attr: str):
+    """Present, materialised member buffers: ``(tensors, numels, group ids, keys, device)``."""
     if not isinstance(buffers, Mapping):
         raise TypeError(f"{fn}: buffers must map names to tensors, got {type(buffers).__name__}")
-    tensors, group_ids, names = [], [], []
+    if not torch.compiler.is_compiling():  # dynamo traces the per-member walk, once
+        gathered = _gather_batched(groups, members, buffers, quantizer, attr)
+        if gathered is not None:
+            return gathered
+    return _gather_each(fn, groups, buffers, quantizer, attr)
+
+
+def _gather_batched(groups: tuple[Group, ...], members: list[str], buffers, quantizer: str, attr: str):
+    """``_gather`` with each check made once over the gathered list; ``None`` when one fails.
+
+    A failed check (a non-tensor, an empty or meta tensor, mixed devices) hands over
+    to ``_gather_each``, which skips, moves or names members one by one.
+    """
+    keys = _member_keys(members, quantizer, attr)
+    tensors = list(map(buffers.get, keys))
+    kinds = set(map(type, tensors))
+    present = None
+    if type(None) in kinds:  # members without the buffer are skipped
+        kinds.discard(type(None))
+        present = [tensor is not None for tensor in tensors]
+        tensors, keys = list(compress(tensors, present)), list(compress(keys, present))
+    if not all(issubclass(kind, torch.Tensor) for kind in kinds):
+        return None
+    device = _one_device(tensors)
+    if device is None or device.type == "meta":
+        return None
+    lengths = list(map(torch.Tensor.numel, tensors))
+    if 0 in lengths:
+        return None
+    group_ids = _member_positions(groups, len(members), device)
+    if present is not None:
+        group_ids = group_ids[torch.tensor(present, device=device)]
+    return tensors, lengths, group_ids, keys, device
+
+
+def _one_device(tensors: Sequence[torch.Tensor]) -> torch.device | None:
+    """The device every tensor is on; ``None`` for several devices or no tensors."""
+    if tensors and all(map(_IS_CPU, tensors)):
+        return tensors[0].device
+    devices = set(map(_DEVICE, tensors))
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _gather_each(fn: str, groups: tuple[Group, ...], buffers, quantizer: str, attr: str):
+    """``_gather`` member by member: the reference, the traced path, and the one that names offenders."""
+    tensors, lengths, group_ids, names = [], [], [], []
     for position, group in enumerate(groups):
         for member in group.members:
             key = buffer_key(member, quantizer, attr)
@@ -75,11 +150,12 @@ def _gather(fn: str, groups: tuple[Group, ...], buffers: Mapping[str, torch.Tens
             if tensor.numel() == 0:
                 raise ValueError(f"{fn}: {key!r} is empty")
             tensors.append(tensor)
+            lengths.append(tensor.numel())
             group_ids.append(position)
             names.append(key)
     device = tensors[0].device if tensors else torch.device("cpu")
     tensors = [t if t.device == device else t.to(device) for t in tensors]
-    return tensors, torch.tensor(group_ids, dtype=torch.int64, device=device), names, device
+    return tensors, lengths, torch.tensor(group_ids, dtype=torch.int64, device=device), names, device
 
 
 def _raise_non_finite(tensors, describe: Callable[[int], str]) -> None:
@@ -118,14 +194,20 @@ def group_amax(
     Raises:
         ValueError: an empty tensor, or (eagerly) a NaN or infinite one, named by ``describe``.
     """
-    for index, tensor in enumerate(tensors):
-        if tensor.numel() == 0:
-            raise ValueError(f"finalize: {describe(index)!r} is empty")
+    lengths = [tensor.numel() for tensor in tensors]
+    if 0 in lengths:
+        raise ValueError(f"finalize: {describe(lengths.index(0))!r} is empty")
     device = tensors[0].device if tensors else torch.device(device or "cpu")
-    tensors = [t if t.device == device else t.to(device) for t in tensors]
+    if _one_device(tensors) != device:
+        tensors = [t if t.device == device else t.to(device) for t in tensors]
     if not isinstance(group_ids, torch.Tensor):
         group_ids = torch.tensor(group_ids, dtype=torch.int64, device=device)
-    values = round_up_to_fp32(reduce_amax_many(tensors, group_ids, num_groups).to(device))
+    return _pooled_amax(tensors, lengths, group_ids, num_groups, describe, device)
+
+
+def _pooled_amax(tensors, lengths: list[int], group_ids: torch.Tensor, num_groups: int, describe, device):
+    """``group_amax`` over tensors already checked (non-empty, on ``device``), ``lengths`` their numels."""
+    values = round_up_to_fp32(_reduce_amax_many(tensors, lengths, group_ids, num_groups).to(device))
     if tensors and not is_traced(values) and (torch.isnan(values) | torch.isposinf(values)).any():
         _raise_non_finite(tensors, describe)
     return values
@@ -155,9 +237,10 @@ def finalize(
         ValueError: a name is claimed by two groups, a member amax is empty, or (eagerly)
             a member amax is NaN or infinite; the message names the member.
     """
-    groups = _check_groups("finalize", groups)
-    tensors, group_ids, names, _ = _gather("finalize", groups, buffers, quantizer, AMAX)
-    return SharedAmax(groups=groups, global_amax=group_amax(tensors, group_ids, len(groups), describe=names.__getitem__))
+    groups, members = _check_groups("finalize", groups)
+    tensors, lengths, group_ids, names, device = _gather("finalize", groups, members, buffers, quantizer, AMAX)
+    global_amax = _pooled_amax(tensors, lengths, group_ids, len(groups), names.__getitem__, device)
+    return SharedAmax(groups=groups, global_amax=global_amax)
 
 
 @torch.compiler.assume_constant_result  # a function of static metadata: dynamo cannot trace crc32
@@ -225,10 +308,10 @@ def restore(
             group disagree or a value is not finite; the message names the group, its
             members and their values.
     """
-    groups = _check_groups("restore", groups)
-    tensors, group_ids, names, device = _gather("restore", groups, buffers, quantizer, attr)
-    for tensor, name in zip(tensors, names):
-        if tensor.numel() != 1:
+    groups, members = _check_groups("restore", groups)
+    tensors, lengths, group_ids, names, device = _gather("restore", groups, members, buffers, quantizer, attr)
+    for tensor, length, name in zip(tensors, lengths, names):
+        if length != 1:
             raise ValueError(f"restore: {name!r} must hold one value, got shape {tuple(tensor.shape)}")
     if not tensors:
         return SharedAmax(groups=groups, global_amax=torch.full((len(groups),), UNSET, device=device))
@@ -273,15 +356,15 @@ def member_entries(state: SharedAmax, *, quantizer: str = "weight_quantizer") ->
     Returns:
         ``{"<member>.<quantizer>._global_amax": 0-dim fp32 tensor}``.
     """
-    keys, positions = [], []
-    for position, group in enumerate(state.groups):
-        for member in group.members:
-            keys.append(buffer_key(member, quantizer, GLOBAL_AMAX))
-            positions.append(position)
-    if not keys:
+    members = _members(state.groups)
+    if not members:
         return {}
-    values = state.global_amax[torch.tensor(positions, device=state.global_amax.device)]
+    keys = _member_keys(members, quantizer, GLOBAL_AMAX)
+    values = state.global_amax[_member_positions(state.groups, len(members), state.global_amax.device)]
     if is_traced(values):
         return {key: values[i] for i, key in enumerate(keys)}
-    is_set = (values > UNSET).tolist()
-    return {key: value.clone() for key, value, keep in zip(keys, values.unbind(), is_set) if keep}
+    is_set = values > UNSET
+    if not is_set.all():
+        values, keys = values[is_set], list(compress(keys, is_set.tolist()))
+    # one call that gives every entry its own storage, instead of a clone per entry
+    return dict(zip(keys, torch.unbind_copy(values)))
