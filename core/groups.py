@@ -16,7 +16,7 @@ state-dict prefixes, and both get the same groups.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -89,30 +89,16 @@ def compile_patterns(patterns: Iterable[str], where: str = "find_groups") -> tup
 _ROLE_PATTERN = re.compile(r"\(\?:\(\.\*\)\\\.\)\?\(\?:(\w+(?:\|\w+)*)\)")
 
 
-def _classifier(compiled: Sequence[re.Pattern]) -> Callable[[str], GroupKey | None]:
-    """``name -> (index of the first pattern that fully matches, its captures)``, or ``None``."""
+def _role_table(compiled: Sequence[re.Pattern]) -> dict[str, int] | None:
+    """``role -> index of the first pattern naming it`` when every pattern has the defaults' shape, else ``None``."""
     shapes = [_ROLE_PATTERN.fullmatch(regex.pattern) for regex in compiled]
-    if all(shapes):
-        first: dict[str, int] = {}
-        for index, shape in enumerate(shapes):
-            for role in shape.group(1).split("|"):
-                first.setdefault(role, index)
-
-        def classify_by_role(name: str) -> GroupKey | None:
-            prefix, dot, last = name.rpartition(".")
-            index = first.get(last)
-            return None if index is None else (index, (prefix if dot else None,))
-
-        return classify_by_role
-
-    def classify(name: str) -> GroupKey | None:
-        for index, regex in enumerate(compiled):
-            found = regex.fullmatch(name)
-            if found is not None:
-                return index, found.groups()
+    if not all(shapes):
         return None
-
-    return classify
+    first: dict[str, int] = {}
+    for index, shape in enumerate(shapes):
+        for role in shape.group(1).split("|"):
+            first.setdefault(role, index)
+    return first
 
 
 def join_fqn(fqn: str, name: str) -> str:
@@ -167,23 +153,52 @@ def find_groups(
     compiled = compile_patterns(patterns or ())
     if not compiled:
         return ()
-    classify = _classifier(compiled)
-    buckets: dict[GroupKey, list[str]] = {}
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            continue
-        seen.add(name)
-        key = classify(name)
-        if key is not None:
-            buckets.setdefault(key, []).append(name)
+    unique = dict.fromkeys(names)  # first-seen order, duplicates dropped
     skip = set(containers)
     groups = []
-    for key, members in buckets.items():
+    for key, parent, members in _buckets(unique, compiled):
         if len(members) < 2:
             continue
-        parent = _common_ancestor(members)
+        if parent is None:
+            parent = _common_ancestor(members)
         while parent in skip and parent:
             parent = parent_fqn(parent)
-        groups.append(Group(key=key, parent=parent, members=tuple(members)))
+        groups.append(Group(key, parent, tuple(members)))  # positional: keywords cost a third more
     return tuple(groups)
+
+
+# Names by group key: (key, the group's parent when known without a walk over the members
+# or else None, the members in first-seen order).
+_Buckets = list[tuple[GroupKey, "str | None", list[str]]]
+
+
+def _buckets(names: Iterable[str], compiled: Sequence[re.Pattern]) -> _Buckets:
+    """Each name under the first pattern that fully matches it, with the role shortcut when every pattern allows it."""
+    first = _role_table(compiled)
+    return _buckets_by_regex(names, compiled) if first is None else _buckets_by_role(names, first)
+
+
+def _buckets_by_regex(names: Iterable[str], compiled: Sequence[re.Pattern]) -> _Buckets:
+    buckets: dict[GroupKey, list[str]] = {}
+    for name in names:
+        for index, regex in enumerate(compiled):
+            found = regex.fullmatch(name)
+            if found is not None:
+                buckets.setdefault((index, found.groups()), []).append(name)
+                break
+    return [(key, None, members) for key, members in buckets.items()]
+
+
+def _buckets_by_role(names: Iterable[str], first: dict[str, int]) -> _Buckets:
+    """``_buckets_by_regex`` for role-shaped patterns (``_ROLE_PATTERN``): a ``rpartition`` and two lookups a name.
+
+    Members of one bucket share what precedes their last dot, which is therefore their
+    parent: no common-ancestor walk.
+    """
+    buckets: dict[tuple[int, str, str], list[str]] = {}
+    for name in names:
+        prefix, dot, last = name.rpartition(".")
+        index = first.get(last)
+        if index is not None:
+            buckets.setdefault((index, prefix, dot), []).append(name)
+    return [((index, (prefix if dot else None,)), prefix, members) for (index, prefix, dot), members in buckets.items()]
