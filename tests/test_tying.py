@@ -22,7 +22,7 @@ from sharedquant.adapters import (
     replace_quant_module,
 )
 from sharedquant.adapters.models import tiny_llama
-from sharedquant.adapters.tying import TIED_ATTRS, is_tied, keep_fp32_, tie_, tied_attrs, untie_
+from sharedquant.adapters.tying import TIED_ATTRS, is_tied, keep_fp32_, tie_, tie_all_, tied_attrs, untie_
 from sharedquant.core import unify_state_dict
 
 EXACT = 1.0 + 2.0**-20  # an fp32 amax that fp16 and bf16 cannot hold
@@ -96,6 +96,19 @@ def test_tie_registers_an_absent_buffer_and_clones_it_in_a_foreign_state_dict():
     assert len(quantizer._state_dict_hooks) == 1  # one clone hook, however often it is tied
     entry = quantizer.state_dict()["_global_amax"]
     assert entry.item() == 3.0 and entry.untyped_storage().data_ptr() != shared.untyped_storage().data_ptr()
+
+
+def test_tie_all_ties_each_quantizer_to_its_own_tensor_and_repairs_only_broken_ties():
+    quantizers = [TensorQuantizer(), TensorQuantizer(), ForeignQuantizer()]
+    shared = [torch.tensor(1.0), torch.tensor(1.0), torch.tensor(2.0)]
+    tie_all_(quantizers, "_global_amax", shared)
+    assert all(is_tied(q, "_global_amax", t) for q, t in zip(quantizers, shared))
+    untie_(quantizers[1], "_global_amax")
+    kept = quantizers[0]._buffers["_global_amax"]
+    tie_all_(quantizers, "_global_amax", shared)
+    assert quantizers[0]._buffers["_global_amax"] is kept
+    assert is_tied(quantizers[1], "_global_amax", shared[1])
+    assert len(quantizers[2]._state_dict_hooks) == 1  # tied twice, one clone hook
 
 
 def test_keep_fp32_puts_back_the_original_object_when_only_the_dtype_changed():
