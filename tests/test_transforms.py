@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 
 import pytest
 import safetensors.torch
@@ -50,6 +51,18 @@ def test_unify_passes_every_other_entry_through_as_is(calibrated):
     unified = unify_state_dict(calibrated)
     for key, tensor in calibrated.items():
         assert unified[key] is tensor
+
+
+@pytest.mark.parametrize("moved", [None, "model.layers.0.self_attn.q_proj.weight_quantizer._amax"])
+def test_unify_keeps_the_order_and_items_of_an_ordered_dict_even_reordered(calibrated, llama_names, moved):
+    state_dict = OrderedDict(calibrated)  # what nn.Module.state_dict() returns
+    if moved is not None:
+        state_dict.move_to_end(moved, last=False)  # its order now differs from the dict underneath
+    unified = unify_state_dict(state_dict)
+    assert type(unified) is dict
+    assert list(unified)[: len(state_dict)] == list(state_dict)
+    assert set(list(unified)[len(state_dict) :]) == {global_amax(name) for name in llama_names}
+    assert all(unified[key] is tensor for key, tensor in state_dict.items())
 
 
 def test_unify_leaves_its_input_untouched(calibrated):
