@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +43,17 @@ def test_float8_child_reports_time_and_memory_of_one_side():
     measured = reductions._float8_child("ours", 1 << 20, 1, "cpu")
     assert measured["seconds"] > 0
     assert 0 <= measured["extra_mib"] < 64  # chunked byte read: no wide copy of the input
+
+
+def test_make_bench_recipe_starts_the_benchmark(tmp_path):
+    """The command ``make bench`` runs gets as far as its argument checks (``--gpu`` on a CPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --gpu would run the full benchmark")
+    root = Path(__file__).resolve().parents[1]
+    recipe = re.search(r"^bench:.*\n\t(.+)$", (root / "Makefile").read_text(), re.M).group(1)
+    command = shlex.split(recipe.replace("$(BIN)/python", shlex.quote(sys.executable)))
+    done = subprocess.run([*command, "--gpu", "--out", str(tmp_path / "R.md")], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "no CUDA device" in done.stderr
