@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 
 import pytest
 import torch
@@ -151,3 +152,19 @@ def test_populate_gives_each_state_its_own_value_when_one_was_set_to_anothers_te
     State.populate(model)
     assert_populated_like_the_core(model)
     assert first.global_amax.data_ptr() != second.global_amax.data_ptr()
+
+
+def test_a_model_pickled_whole_and_loaded_populates_its_own_states():
+    model = calibrated()
+    State.attach(model)
+    State.populate(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        loaded.model.layers[0].self_attn.q_proj.weight_quantizer._amax.mul_(3)
+    assert list(iter_shared_quant_states(loaded)) == every_state(loaded)
+    assert State.populate(loaded) == len(every_state(loaded))
+    assert_populated_like_the_core(loaded)
+    assert_populated_like_the_core(model)
