@@ -24,7 +24,7 @@ from sharedquant.core.groups import SHARED_PATTERNS, Group
 from sharedquant.core.reduce import round_up_to_fp32
 from sharedquant.core.state import UNSET, SharedAmax
 
-from .modules import discover_groups, quantizer_attr
+from .modules import discover_groups
 from .quantizer import TensorQuantizer
 from .state_batch import (
     MemberQuantizers,
@@ -92,8 +92,7 @@ class SharedQuantState(nn.Module, ABC):
 
     def member_quantizers(self) -> list[nn.Module]:
         """The members' target quantizers (members without one are left out)."""
-        attr = quantizer_attr(self.target_quantizer_kind)
-        return [q for q in (m._modules.get(attr) for m in self.members) if q is not None]
+        return [q for q in MemberQuantizers.of([self]).quantizers if q is not None]
 
     # -- hooks ------------------------------------------------------------------------
     def install_hooks(self) -> None:
@@ -130,8 +129,8 @@ class SharedQuantState(nn.Module, ABC):
             self.tie_member_quantizer(quantizer)
 
     @classmethod
-    def tie_states(cls, states: Sequence[SharedQuantState]) -> None:
-        """``tie_member_quantizers`` on every state (subclasses batch it)."""
+    def tie_states(cls, states: Sequence[SharedQuantState], members: MemberQuantizers | None = None) -> None:
+        """``tie_member_quantizers`` on every state (subclasses batch it, over ``members`` when given)."""
         for state in states:
             state.tie_member_quantizers()
 
@@ -218,13 +217,14 @@ class SharedQuantState(nn.Module, ABC):
         patterns = cls.default_patterns if patterns is None else patterns
         groups, modules = discover_groups(model, patterns, cls.target_quantizer_kind, where=f"{cls.__name__}.restore")
         probes = [Probe(group, tuple(modules[m] for m in group.members), cls.target_quantizer_kind) for group in groups]
-        values = {attr: restore_values(probes, attr) for attr in cls.managed_attrs}
+        members = MemberQuantizers.of(probes)  # the states attached below have these same members
+        values = {attr: restore_values(probes, attr, members) for attr in cls.managed_attrs}
         states = [state for state, _ in attach_groups(cls, groups, modules)]
         for position, state in enumerate(states):
             for attr in cls.managed_attrs:
                 if values[attr][position] is not None:
                     state._set_value(attr, values[attr][position])
-        cls.tie_states(states)
+        cls.tie_states(states, members)
 
     @classmethod
     def metadata(cls, model: nn.Module) -> dict[str, bool]:
@@ -329,6 +329,7 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
             cls.tie_states(states, members)
         else:
             cls.tie_states([state for state, ok in zip(states, assigned) if ok])
+        # SharedQuantState.finalize for the one managed attribute, without its generator per state
         return [(value := s._buffers.get("_global_amax")) is not None and not value.is_meta for s in states]
 
 

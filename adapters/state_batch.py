@@ -77,13 +77,14 @@ class MemberQuantizers(NamedTuple):
     members: list[nn.Module]
     quantizers: list[nn.Module | None]  # None: the member has no target quantizer
     counts: list[int]  # members per state
+    qattr: str  # the attribute that holds the target quantizer
 
     @classmethod
     def of(cls, states: Sequence) -> MemberQuantizers:
         qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
         per_state = [state.members for state in states]
         members = list(chain.from_iterable(per_state))
-        return cls(members, [member._modules.get(qattr) for member in members], list(map(len, per_state)))
+        return cls(members, [member._modules.get(qattr) for member in members], list(map(len, per_state)), qattr)
 
     def positions(self) -> list[int]:
         """The state position of each flat entry."""
@@ -99,21 +100,22 @@ class MemberQuantizers(NamedTuple):
         return position, flat - sum(self.counts[:position])
 
 
-def core_view(states: Sequence, attr: str) -> tuple[tuple[Group, ...], dict[str, torch.Tensor], str]:
+def core_view(
+    states: Sequence, attr: str, members: MemberQuantizers | None = None
+) -> tuple[tuple[Group, ...], dict[str, torch.Tensor], str]:
     """The states' groups and a buffer dict of their members' ``attr``, keyed as the core expects."""
-    qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
+    members = MemberQuantizers.of(states) if members is None else members
     groups = tuple(state.group for state in states)
     names = [m for g in groups for m in g.members]
     if len(set(names)) != len(names):  # states attached under different roots: make names unique
         groups = tuple(Group(g.key, f"[{i}]", tuple(f"[{i}].{m}" for m in g.members)) for i, g in enumerate(groups))
-    members = MemberQuantizers.of(states)
     indices = chain.from_iterable(map(range, members.counts))
     buffers = {
-        lifecycle.buffer_key(groups[position].members[index], qattr, attr): value
+        lifecycle.buffer_key(groups[position].members[index], members.qattr, attr): value
         for position, index, value in zip(members.positions(), indices, members.buffers(attr))
         if value is not None
     }
-    return groups, buffers, qattr
+    return groups, buffers, members.qattr
 
 
 def finalize_tensor(states: Sequence, members: MemberQuantizers | None = None) -> torch.Tensor:
@@ -123,11 +125,10 @@ def finalize_tensor(states: Sequence, members: MemberQuantizers | None = None) -
     present = [i for i, amax in enumerate(amaxes) if amax is not None and not amax.is_meta]
     if len(present) != len(amaxes):
         amaxes, positions = [amaxes[i] for i in present], [positions[i] for i in present]
-    qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
 
     def describe(i: int) -> str:
         position, index = members.locate(present[i])
-        return lifecycle.buffer_key(states[position].group.members[index], qattr, "_amax")
+        return lifecycle.buffer_key(states[position].group.members[index], members.qattr, "_amax")
 
     device = None if amaxes or not states else member_device(states[0])
     return lifecycle.group_amax(amaxes, positions, len(states), describe=describe, device=device)
@@ -137,8 +138,8 @@ def finalize_values(states: Sequence) -> list[torch.Tensor | None]:
     return unpack(finalize_tensor(states))
 
 
-def restore_values(states: Sequence, attr: str) -> list[torch.Tensor | None]:
-    groups, buffers, qattr = core_view(states, attr)
+def restore_values(states: Sequence, attr: str, members: MemberQuantizers | None = None) -> list[torch.Tensor | None]:
+    groups, buffers, qattr = core_view(states, attr, members)
     return unpack(lifecycle.restore(groups, buffers, quantizer=qattr, attr=attr).global_amax)
 
 
@@ -187,13 +188,12 @@ def assign(states: Sequence[SharedQuantState], values: torch.Tensor, attr: str) 
     if base is not None:  # every state holds its own element of one tensor: one copy for all
         base.copy_(torch.where(assigned, values, base))
         return assigned.tolist()
+    flags = assigned.tolist()
     targets, sources = [], []
     device, dtype = values.device, values.dtype
-    unpacked = unpack(values)
-    for state, value in zip(states, unpacked):
-        if value is None:
+    for state, current, value, ok in zip(states, currents, values.unbind(), flags):
+        if not ok:
             continue
-        current = state._buffers.get(attr)
         if current is not None and current.dtype is dtype and current.device == device and current.dim() == 0:
             targets.append(current)
             sources.append(value)
@@ -201,7 +201,7 @@ def assign(states: Sequence[SharedQuantState], values: torch.Tensor, attr: str) 
             state._set_value(attr, value)
     if targets:
         torch._foreach_copy_(targets, sources)
-    return [value is not None for value in unpacked]
+    return flags
 
 
 def _shared_base(currents: list[torch.Tensor | None], values: torch.Tensor) -> torch.Tensor | None:

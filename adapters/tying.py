@@ -57,10 +57,10 @@ def tie_all_(quantizers: Iterable[nn.Module], attr: str, tensors: Iterable[torch
     """``tie_`` each quantizer to its tensor; those already tied to it are left as they are.
 
     populate and restore tie every member of every group (12k on a 48-layer MoE), most
-    of them already tied on a second populate: the check is two dict lookups each.
+    of them already tied on a second populate.
     """
     for quantizer, tensor in zip(quantizers, tensors):
-        if quantizer._buffers.get(attr) is not tensor or attr not in quantizer.__dict__.get(TIED_ATTRS, ()):
+        if not is_tied(quantizer, attr, tensor):
             tie_(quantizer, attr, tensor)
 
 

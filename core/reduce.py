@@ -344,9 +344,9 @@ def _concat_flat(tensors: Sequence[torch.Tensor], lengths: list[int]) -> torch.T
     # dtypes do (torch refuses to promote float8, so a cat that succeeds has one float8
     # dtype or none).
     if not torch.compiler.is_compiling():
-        for concat in (_chunked_cat, _stack_scalars):
+        for concat in (lambda: _chunked_cat(tensors, lengths), lambda: torch.stack(tensors)):
             try:
-                flat = concat(tensors, lengths).reshape(-1)
+                flat = concat().reshape(-1)
             except RuntimeError:  # 0-dim tensors, different trailing dims, float8 mixed with another dtype
                 continue
             return flat.to(torch.get_default_dtype()) if flat.dtype in _FLOAT8 else flat
@@ -369,8 +369,3 @@ def _chunked_cat(tensors: Sequence[torch.Tensor], lengths: list[int]) -> torch.T
         # Chunks promoted to different dtypes would convert some elements twice; one cat converts once.
         return torch.cat(tensors)
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-
-
-def _stack_scalars(tensors: Sequence[torch.Tensor], lengths: list[int]) -> torch.Tensor:
-    """``torch.stack(tensors)``: one call for 0-dim tensors, which cat refuses."""
-    return torch.stack(tensors)
