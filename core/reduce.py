@@ -12,6 +12,9 @@ one-element result of an axis reduction) and close three gaps of the peer:
   materialising a wider copy (the peer upcasts the whole tensor to fp32 first);
 * signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
   overflows to -128 in the input's own dtype).
+
+On CUDA, whole-tensor and last-dimension reductions of contiguous floating (and whole
+float8) tensors run as Triton kernels (``core/triton_amax.py``) where triton is installed.
 """
 
 from __future__ import annotations
@@ -101,12 +104,25 @@ def _magnitude(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None =
     return masked
 
 
+def _on_triton(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> bool:
+    """Whether a Triton kernel takes this reduction: CUDA, untraced, a layout it covers."""
+    if not tensor.is_cuda or is_traced(tensor):
+        return False
+    from . import triton_amax  # imports triton on the first CUDA reduction only
+
+    return triton_amax.available(tensor, axis)
+
+
 def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
     """abs-max of a float8 tensor, computed on its bytes; result in the default dtype."""
     magnitude = tensor.view(torch.uint8)
     dtype = tensor.dtype
     if is_traced(tensor):
         reduced = _magnitude(magnitude, dtype).amax(dim=axis, keepdim=True)
+    elif _on_triton(tensor, axis):
+        from . import triton_amax
+
+        reduced = triton_amax.magnitude_max(tensor)
     elif axis is None or len(axis) == tensor.dim():
         flat = magnitude.reshape(-1)
         scratch = torch.empty(min(flat.numel(), _FLOAT8_CHUNK), dtype=torch.uint8, device=flat.device)
@@ -138,6 +154,10 @@ def _float_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Ten
     dims = axis if axis is not None else tuple(range(tensor.dim()))
     if is_traced(tensor):
         return tensor.abs().amax(dim=dims, keepdim=True)
+    if _on_triton(tensor, axis):
+        from . import triton_amax
+
+        return triton_amax.abs_max(tensor, axis)
     if len(dims) == tensor.dim():
         low, high = torch.aminmax(tensor)
         return torch.maximum(high.abs(), low.abs()).reshape([1] * tensor.dim())

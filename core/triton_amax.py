@@ -1,0 +1,183 @@
+"""Triton kernels for the abs-max of CUDA tensors, in one read of the input. Pure.
+
+``core/reduce.py`` hands a reduction to this module when the tensor is on CUDA, is not
+traced and ``available`` says a kernel covers it: a whole-tensor abs-max of a contiguous
+float32 / float16 / bfloat16 / float8 tensor, or a per-row abs-max over the last
+dimension of a contiguous float32 / float16 / bfloat16 tensor. Each program reduces a
+contiguous span to one partial (fused ``abs`` and max, NaN kept); a small torch ``amax``
+over the partials finishes. The only extra memory is the partials.
+
+Triton is optional: without it (or under ``TRITON_INTERPRET=1`` on CPU tensors, which
+runs the same kernels in Triton's interpreter) this module still imports, and
+``available`` answers False where no kernel can run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .reduce import _FLOAT8, _FNUZ, _FNUZ_NAN, _MAGNITUDE_BITS
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs; reduce.py keeps its torch path
+    triton = None
+
+__all__ = ["abs_max", "available", "magnitude_max"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Bytes every program reads per loop step: with 8 warps each thread issues four 16-byte
+# loads per step, enough loads in flight to keep HBM busy.
+_STEP_BYTES = 16384
+_NUM_WARPS = 8
+# A whole-tensor reduction spreads over at least this many programs when the tensor is
+# big enough (H100 has 132 SMs; several programs per SM hide the tail of each wave) ...
+_MIN_PROGRAMS = 1024
+# ... and a program reads at most this many steps (256 KiB), so a 1 GiB tensor gives
+# 4096 partials: a few KiB of extra memory and a finishing amax of a few microseconds.
+_MAX_STEPS = 16
+
+if triton is not None:
+    _LOW_BITS = tl.constexpr(_MAGNITUDE_BITS)
+    _NAN_BYTE = tl.constexpr(_FNUZ_NAN)
+
+    @triton.jit
+    def _max_nan(a, b):
+        # unsigned bytes ignore propagate_nan; floats keep NaN (maxnum would drop it)
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _magnitude(x, FLOAT8: tl.constexpr, FNUZ: tl.constexpr):
+        # float8 bytes: clearing the sign bit leaves bytes that order like abs(value),
+        # NaN codes above inf; the fnuz NaN 0x80 would become 0, so it is kept as is.
+        if FLOAT8:
+            m = x & _LOW_BITS
+            if FNUZ:
+                m = tl.where(x == _NAN_BYTE, x, m)
+        else:
+            m = tl.abs(x.to(tl.float32))
+        return m
+
+    @triton.jit
+    def _span_kernel(x_ptr, out_ptr, numel, span, BLOCK: tl.constexpr, FLOAT8: tl.constexpr, FNUZ: tl.constexpr):
+        pid = tl.program_id(0)
+        start = pid.to(tl.int64) * span  # numel may exceed 2**31
+        block = x_ptr + start + tl.arange(0, BLOCK)
+        if FLOAT8:
+            acc = tl.zeros([BLOCK], dtype=tl.uint8)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)  # every magnitude is >= 0
+        remaining = numel - start
+        if remaining >= span:
+            # full spans load without a mask, so loads stay 16-byte vectors whatever numel is
+            for i in range(0, span, BLOCK):
+                acc = _max_nan(acc, _magnitude(tl.load(block + i), FLOAT8, FNUZ))
+        else:
+            for i in range(0, remaining, BLOCK):
+                inside = i + tl.arange(0, BLOCK) < remaining
+                acc = _max_nan(acc, _magnitude(tl.load(block + i, mask=inside, other=0), FLOAT8, FNUZ))
+        if FLOAT8:
+            acc = acc.to(tl.int32)  # a cross-thread reduction of 32-bit lanes, as tl.max does for bytes
+        tl.store(out_ptr + pid, tl.reduce(acc, 0, _max_nan).to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _rows_kernel(x_ptr, out_ptr, rows, cols, full_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        row = pid * ROWS + tl.arange(0, ROWS)
+        # rows past the end re-read the last row (harmless for a max) instead of masking every load
+        clamped = tl.minimum(row, rows - 1)
+        block = x_ptr + clamped.to(tl.int64)[:, None] * cols + tl.arange(0, BLOCK)[None, :]
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for c in range(0, full_cols, BLOCK):
+            acc = _max_nan(acc, _magnitude(tl.load(block + c), False, False))
+        if full_cols < cols:
+            inside = (full_cols + tl.arange(0, BLOCK) < cols)[None, :]
+            acc = _max_nan(acc, _magnitude(tl.load(block + full_cols, mask=inside, other=0), False, False))
+        result = tl.reduce(acc, 1, _max_nan).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + clamped, result, mask=row < rows)
+
+
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (read when triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def available(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> bool:
+    """Whether a kernel here computes the abs-max of ``tensor`` over ``axis`` (normalized axes).
+
+    Covered: whole-tensor reductions of contiguous float32 / float16 / bfloat16 / float8
+    tensors, and the last dimension of contiguous float32 / float16 / bfloat16 tensors of
+    rank 2 or more, on CUDA (on CPU only under ``TRITON_INTERPRET=1``).
+    """
+    if triton is None or tensor.numel() == 0 or not tensor.is_contiguous():
+        return False
+    if not (tensor.is_cuda or (tensor.device.type == "cpu" and _interpreted())):
+        return False
+    whole = axis is None or len(axis) == tensor.dim()
+    if tensor.dtype in _FLOAT8:
+        return whole
+    if tensor.dtype not in _FLOATS:
+        return False
+    return whole or (tensor.dim() >= 2 and tuple(axis) == (tensor.dim() - 1,))
+
+
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device, which need not be the tensor's."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _span_max(flat: torch.Tensor, out_dtype: torch.dtype, float8: bool, fnuz: bool) -> torch.Tensor:
+    """Max of the magnitudes of a contiguous 1-D tensor, as a 0-dim tensor of ``out_dtype``."""
+    numel = flat.numel()
+    block = _STEP_BYTES // flat.element_size()
+    steps = min(_MAX_STEPS, max(1, numel // (block * _MIN_PROGRAMS)))
+    span = block * steps
+    programs = triton.cdiv(numel, span)
+    partials = torch.empty(programs, dtype=out_dtype, device=flat.device)
+    with _on_device(flat):
+        _span_kernel[(programs,)](
+            flat, partials, numel, span, BLOCK=block, FLOAT8=float8, FNUZ=fnuz, num_warps=_NUM_WARPS
+        )
+    return partials.amax() if programs > 1 else partials[0]
+
+
+def _row_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Max of ``abs`` over the last dimension of a contiguous tensor, keepdim, in its dtype."""
+    cols = tensor.shape[-1]
+    rows = tensor.numel() // cols
+    step = _STEP_BYTES // tensor.element_size()
+    block = min(triton.next_power_of_2(cols), step)
+    per_program = step // block  # short rows share a program, so each step still reads ``step`` elements
+    out = torch.empty(rows, dtype=tensor.dtype, device=tensor.device)
+    with _on_device(tensor):
+        _rows_kernel[(triton.cdiv(rows, per_program),)](
+            tensor, out, rows, cols, cols - cols % block, ROWS=per_program, BLOCK=block, num_warps=_NUM_WARPS
+        )
+    return out.reshape(*tensor.shape[:-1], 1)
+
+
+def abs_max(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
+    """abs-max of a float32 / float16 / bfloat16 tensor that ``available`` accepts.
+
+    Returns:
+        The abs-max with the reduced dimensions kept (length 1), in the input's dtype.
+        NaN propagates.
+    """
+    if axis is None or len(axis) == tensor.dim():
+        return _span_max(tensor.reshape(-1), tensor.dtype, False, False).reshape([1] * tensor.dim())
+    return _row_max(tensor)
+
+
+def magnitude_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude byte of a whole float8 tensor that ``available`` accepts.
+
+    Returns:
+        A uint8 tensor of shape ``[1] * tensor.dim()``: the byte with the sign bit cleared
+        (the fnuz NaN 0x80 kept), which viewed as ``tensor.dtype`` is the abs-max.
+    """
+    raw = tensor.reshape(-1).view(torch.uint8)
+    return _span_max(raw, torch.uint8, True, tensor.dtype in _FNUZ).reshape([1] * tensor.dim())
