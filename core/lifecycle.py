@@ -25,7 +25,7 @@ from operator import attrgetter
 import torch
 
 from .groups import Group, join_fqn
-from .reduce import _reduce_amax_many, is_traced, reduce_amax_many, round_up_to_fp32
+from .reduce import _concat_flat, _reduce_amax_many, is_traced, reduce_amax_many, round_up_to_fp32
 from .state import UNSET, SharedAmax
 
 __all__ = ["buffer_key", "finalize", "group_amax", "member_entries", "restore", "sync"]
@@ -317,7 +317,8 @@ def restore(
         return SharedAmax(groups=groups, global_amax=torch.full((len(groups),), UNSET, device=device))
     # Agreement is checked in fp64, where every stored value is exact: two fp64 values
     # that round to one fp32 still disagree.
-    flat = torch.stack([t.reshape(()).to(torch.float64) for t in tensors])
+    # one concatenation, then one widening: a widening per member is a kernel per member on a GPU
+    flat = _concat_flat(tensors, lengths).to(torch.float64)
     high = torch.full((len(groups),), UNSET, dtype=torch.float64, device=device).scatter_reduce(0, group_ids, flat, "amax")
     if not is_traced(flat):
         low = torch.full((len(groups),), -UNSET, dtype=torch.float64, device=device)
