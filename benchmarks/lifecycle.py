@@ -7,6 +7,7 @@ that puts the model back where the step starts.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from sharedquant.adapters.modules import discover_groups
 from sharedquant.core import finalize, unify_state_dict
 
 from . import models
-from .timing import best_of
+from .timing import best_of, tensor_ops
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Row:
     ours: float
     peer: float | None = None
     note: str = ""
+    ops: int | None = None  # sharedquant's tensor ops (views excluded), see timing.tensor_ops
 
     @property
     def speedup(self) -> float | None:
@@ -56,17 +58,21 @@ def _ours(size: models.Size, repeats: int, device: str) -> Iterator[Row]:
         attached()
         state.populate(model)
 
-    yield Row("discovery", size.members, best_of(lambda: find_shared_input_groups(model, SHARED_PATTERNS), repeats))
-    yield Row("attach", size.members, best_of(lambda: state.attach(model), repeats, setup=fresh))
-    yield Row("populate", size.members, best_of(lambda: state.populate(model), repeats, setup=attached, sync=sync))
-    yield Row("populate again", size.members, best_of(lambda: state.populate(model), repeats, setup=None, sync=sync))
-    yield Row("ungrouped global amax", size.members, best_of(lambda: set_ungrouped_global_amax(model), repeats, setup=populated, sync=sync))
+    def timed(step: str, fn, setup=None, synced: bool = False) -> Row:
+        seconds = best_of(fn, repeats, setup=setup, sync=synced)
+        return Row(step, size.members, seconds, ops=tensor_ops(fn, setup))
+
+    yield timed("discovery", lambda: find_shared_input_groups(model, SHARED_PATTERNS))
+    yield timed("attach", lambda: state.attach(model), fresh)
+    yield timed("populate", lambda: state.populate(model), attached, sync)
+    yield timed("populate again", lambda: state.populate(model), None, sync)
+    yield timed("ungrouped global amax", lambda: set_ungrouped_global_amax(model), populated, sync)
     state_dict = model.state_dict()
-    yield Row("state_dict", size.members, best_of(model.state_dict, repeats))
-    yield Row("restore", size.members, best_of(lambda: state.restore(model), repeats, setup=fresh, sync=sync))
+    yield timed("state_dict", model.state_dict)
+    yield timed("restore", lambda: state.restore(model), fresh, sync)
     groups, _ = discover_groups(model, SHARED_PATTERNS)
-    yield Row("core finalize", size.members, best_of(lambda: finalize(groups, state_dict), repeats, sync=sync))
-    yield Row("core unify_state_dict", size.members, best_of(lambda: unify_state_dict(state_dict), repeats, sync=sync))
+    yield timed("core finalize", lambda: finalize(groups, state_dict), None, sync)
+    yield timed("core unify_state_dict", lambda: unify_state_dict(state_dict), None, sync)
 
 
 def _peer(size: models.Size, repeats: int, device: str) -> dict[str, float]:
@@ -118,7 +124,8 @@ def run(sizes: list[models.Size], repeats: int = 3, device: str = "cpu", with_pe
     for size in sizes:
         peer_times = _peer(size, repeats, device) if with_peer and models.peer_available() else {}
         for row in _ours(size, repeats, device):
-            rows.append(Row(row.step, row.members, row.ours, peer_times.get(row.step), _NOTES.get(row.step, "")))
+            rows.append(Row(row.step, row.members, row.ours, peer_times.get(row.step), _NOTES.get(row.step, ""), row.ops))
+            print(f"  {row.step:>22} {row.members:>7,} members: {row.ours * 1e3:9.2f} ms", file=sys.stderr, flush=True)
         if device != "cpu":
             torch.cuda.empty_cache()
     return rows

@@ -1,4 +1,4 @@
-"""Timing primitives: best-of-N wall time with the garbage collector paused.
+"""Timing primitives: best-of-N wall time with the garbage collector paused, and op counts.
 
 The collector is paused during a timed call, as ``timeit`` does: a gen-2 collection
 over a model of 80k modules costs more than most steps measured here, and would
@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def best_of(fn: Callable[[], object], repeats: int = 3, setup: Callable[[], object] | None = None, sync: bool = False) -> float:
@@ -33,3 +34,27 @@ def best_of(fn: Callable[[], object], repeats: int = 3, setup: Callable[[], obje
         finally:
             gc.enable()
     return best
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:  # views and detach move no data; everything else may launch a kernel
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def tensor_ops(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> int:
+    """How many tensor ops ``fn()`` dispatches, views excluded: on a GPU, about its kernel launches.
+
+    A step whose count stays the same as the model grows launches a fixed number of
+    kernels; one that grows with the members launches a few per member.
+    """
+    if setup is not None:
+        setup()
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
