@@ -1,0 +1,230 @@
+"""Examples for sharedquant.core.triton_amax: the Triton kernels agree with the torch path.
+
+The kernel tests run on CUDA where triton and a GPU are present, and on CPU tensors in
+Triton's interpreter where only triton is (``test_kernels_under_the_triton_interpreter``
+reruns this file in a subprocess with ``TRITON_INTERPRET=1``, which triton reads at
+import). Without triton only the import check runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sharedquant.core.reduce as reduce_module
+from sharedquant.core import triton_amax
+from sharedquant.core.reduce import reduce_amax
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = triton_amax.triton is not None
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+kernels = pytest.mark.skipif(
+    not HAS_TRITON or not (INTERPRETED or torch.cuda.is_available()),
+    reason="needs triton and CUDA, or triton's interpreter",
+)
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+NAN_BYTES = {  # a NaN code of each format (fnuz: the only one)
+    torch.float8_e4m3fn: 0xFF,
+    torch.float8_e5m2: 0x7E,
+    torch.float8_e4m3fnuz: 0x80,
+    torch.float8_e5m2fnuz: 0x80,
+}
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-for-bit agreement: dtype, shape, values, NaN where NaN, the sign of zero."""
+    actual = actual.cpu()
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(actual.signbit(), expected.signbit())
+
+
+def torch_abs_max(x: torch.Tensor, axis) -> torch.Tensor:
+    """The torch composite on the CPU: abs, then amax, reduced dimensions kept."""
+    dims = tuple(range(x.dim())) if axis is None else axis
+    return x.cpu().abs().amax(dim=dims, keepdim=True)
+
+
+def float8_bytes(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8).view(dtype).to(DEVICE)
+
+
+def assert_float8_matches_byte_path(x: torch.Tensor) -> None:
+    """The kernel's byte is the CPU byte path's, and reduce.py's float8 result follows from it."""
+    got = triton_amax.magnitude_max(x).cpu()
+    raw = x.cpu().view(torch.uint8)
+    expected = reduce_module._magnitude(raw, x.dtype).amax().reshape([1] * x.dim())
+    assert torch.equal(got, expected), f"{x.dtype}: byte {got.item():#x}, expected {expected.item():#x}"
+    assert_same(got.view(x.dtype).to(torch.get_default_dtype()), reduce_module._float8_amax(x.cpu(), None))
+
+
+@pytest.fixture(params=["default", "multi-step"])
+def spans(request, monkeypatch):
+    """Default launch sizes (small tensors: one step per program), or several steps per program."""
+    if request.param == "multi-step":
+        monkeypatch.setattr(triton_amax, "_MIN_PROGRAMS", 1)
+
+
+# --- whole-tensor floats ---------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (5, 7, 117), (4097,), (3, 8195)])
+def test_whole_tensor_abs_max_matches_torch(spans, dtype, shape):
+    x = (torch.randn(shape) * 100).to(dtype).to(DEVICE)
+    assert triton_amax.available(x, None)
+    assert_same(triton_amax.abs_max(x, None), torch_abs_max(x, None))
+
+
+@kernels
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("position", [0, 4095, 4096, 12290, -1])
+def test_whole_tensor_nan_anywhere_gives_nan(spans, dtype, position):
+    x = torch.randn(3 * 4096 + 5).to(dtype)
+    x[position] = float("nan")
+    out = triton_amax.abs_max(x.to(DEVICE), None)
+    assert out.shape == (1,) and out.isnan().item()
+
+
+@kernels
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize(
+    "values",
+    [[-float("inf"), 1.0, 2.0], [3.0, float("inf")], [-5.0, -0.5, -2.0], [-0.0, -0.0], [0.0, -0.0, 0.0]],
+    ids=["-inf", "+inf", "negative-only", "negative-zero", "zeros"],
+)
+def test_whole_tensor_special_values(dtype, values):
+    x = torch.tensor(values, dtype=dtype).to(DEVICE)
+    assert_same(triton_amax.abs_max(x, None), torch_abs_max(x, None))
+
+
+# --- per-row floats --------------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(3, 1), (5, 37), (300, 16), (2, 4099), (2, 3, 4100), (1, 16385)])
+def test_per_row_abs_max_matches_torch(dtype, shape):
+    x = (torch.randn(shape) * 100).to(dtype).to(DEVICE)
+    axis = (x.dim() - 1,)
+    assert triton_amax.available(x, axis)
+    assert_same(triton_amax.abs_max(x, axis), torch_abs_max(x, axis))
+
+
+@kernels
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_per_row_nan_and_inf_stay_in_their_row(dtype):
+    x = -torch.rand(4, 4101).to(dtype)
+    x[1, 4100] = float("nan")  # in the masked tail of the row
+    x[2, 3] = float("nan")
+    x[3, 0] = -float("inf")
+    out = triton_amax.abs_max(x.to(DEVICE), (1,))
+    assert_same(out, torch_abs_max(x, (1,)))
+    assert out.isnan().flatten().tolist() == [False, True, True, False]
+
+
+# --- float8 ----------------------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize("dtype", FLOAT8)
+def test_float8_every_byte_present_or_absent(dtype):
+    every = torch.randperm(256, dtype=torch.int64).tolist()
+    assert_float8_matches_byte_path(float8_bytes(every, dtype))
+    for value in range(256):
+        # ``value`` alone among zeros, in each byte lane of a word
+        assert_float8_matches_byte_path(float8_bytes([0] * (value % 4) + [value] + [0] * (7 - value % 4), dtype))
+        # every byte but ``value`` (its slot holds 0x00, positive zero in all four formats)
+        assert_float8_matches_byte_path(float8_bytes([0 if b == value else b for b in every], dtype))
+
+
+@kernels
+@pytest.mark.parametrize("dtype", FLOAT8)
+@pytest.mark.parametrize("nan_at", [None, 5, 16384 * 2 + 3, -1])
+def test_float8_across_programs(spans, dtype, nan_at):
+    x = torch.randn(3 * 16384 + 12).to(dtype).view(torch.uint8)
+    if nan_at is not None:
+        x[nan_at] = NAN_BYTES[dtype]
+    x = x.view(dtype).reshape(4, -1).to(DEVICE)
+    assert triton_amax.available(x, None)
+    assert_float8_matches_byte_path(x)
+
+
+@kernels
+def test_float8_outside_whole_words_keeps_the_byte_path():
+    odd = torch.randn(7).to(torch.float8_e4m3fn).to(DEVICE)
+    shifted = torch.randn(9).to(torch.float8_e4m3fn).to(DEVICE)[1:]
+    assert not triton_amax.available(odd, None)
+    assert not triton_amax.available(shifted, None)
+    assert triton_amax.available(shifted.clone(), None)
+
+
+# --- what reduce.py hands over ---------------------------------------------------------------
+
+
+@kernels
+def test_available_covers_only_whole_and_last_dim_contiguous_floats():
+    x = torch.randn(4, 6).to(DEVICE)
+    assert triton_amax.available(x, None) and triton_amax.available(x, (0, 1)) and triton_amax.available(x, (1,))
+    assert not triton_amax.available(x, (0,))
+    assert not triton_amax.available(x.t(), (1,))
+    assert not triton_amax.available(x.double(), None)
+    assert not triton_amax.available(x.to(torch.int8), None)
+    assert not triton_amax.available(x[:0], None)
+    assert not triton_amax.available(x.to(torch.float8_e4m3fn), (1,))
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED or not torch.cuda.is_available(), reason="needs triton and CUDA")
+def test_reduce_amax_on_cuda_takes_the_kernels_where_they_apply(monkeypatch):
+    calls = []
+    for name in ("abs_max", "magnitude_max"):
+        original = getattr(triton_amax, name)
+        monkeypatch.setattr(triton_amax, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    x = torch.randn(64, 300) * 10
+    cases = [
+        (x, None, "abs_max"),
+        (x.bfloat16(), -1, "abs_max"),
+        (x.to(torch.float8_e4m3fn), None, "magnitude_max"),
+        (x, 0, None),
+        (x.t(), 1, None),
+        (x.double(), None, None),
+        (x.to(torch.float8_e5m2), 1, None),
+    ]
+    for tensor, axis, kernel in cases:
+        calls.clear()
+        assert_same(reduce_amax(tensor.cuda(), axis=axis), reduce_amax(tensor, axis=axis))
+        assert calls == ([kernel] if kernel else []), (tensor.dtype, axis)
+
+
+# --- triton is optional ----------------------------------------------------------------------
+
+
+def test_module_imports_and_declines_without_triton():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"  # import triton now raises ImportError
+        "import torch\n"
+        "from sharedquant.core import triton_amax\n"
+        "from sharedquant.core.reduce import reduce_amax\n"
+        "assert triton_amax.triton is None\n"
+        "assert not triton_amax.available(torch.ones(4), None)\n"
+        "assert reduce_amax(torch.tensor([1.0, -3.0])).item() == 3.0\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs triton; already interpreted")
+def test_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not interpreter"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert int(re.search(r"(\d+) passed", summary).group(1)) > 100, summary
