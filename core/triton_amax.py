@@ -8,9 +8,9 @@ contiguous float32 / float16 / bfloat16 tensor. Each program reduces a contiguou
 to one partial (fused ``abs`` and max, NaN kept); a small torch ``amax`` over the
 partials finishes. The only extra memory is the partials.
 
-Triton is optional: without it (or under ``TRITON_INTERPRET=1`` on CPU tensors, which
-runs the same kernels in Triton's interpreter) this module still imports, and
-``available`` answers False where no kernel can run.
+Triton is optional: without it this module still imports and ``available`` answers
+False. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors in Triton's
+interpreter, which is how the tests check them on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ def _interpreted() -> bool:
 def available(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> bool:
     """Whether a kernel here computes the abs-max of ``tensor`` over ``axis`` (normalized axes).
 
-    Covered: whole-tensor reductions of contiguous float32 / float16 / bfloat16 tensors
-    and of contiguous float8 tensors whose bytes are whole aligned 32-bit words, and the last dimension of contiguous float32 / float16 / bfloat16 tensors of
-    rank 2 or more, on CUDA (on CPU only under ``TRITON_INTERPRET=1``).
+    Covered, on CUDA (on CPU only under ``TRITON_INTERPRET=1``): whole-tensor reductions
+    of contiguous float32 / float16 / bfloat16 tensors and of contiguous float8 tensors
+    whose bytes are whole aligned 32-bit words, and the last dimension of contiguous
+    float32 / float16 / bfloat16 tensors of rank 2 or more.
     """
     if triton is None or tensor.numel() == 0 or not tensor.is_contiguous():
         return False
