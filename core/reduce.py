@@ -48,6 +48,12 @@ _FNUZ = tuple(getattr(torch, name) for name in ("float8_e4m3fnuz", "float8_e5m2f
 _FNUZ_NAN = 0x80
 # Bytes masked per step: bounds the scratch memory of a float8 reduction.
 _FLOAT8_CHUNK = 1 << 24
+# Below this many elements a reduction is launch-bound, and torch launches for less than
+# Triton's Python launcher costs; the kernels pay off where bandwidth decides.
+_TRITON_MIN_ELEMENTS = 1 << 20
+# The per-row kernel gives each row (or several) one program: with few, long rows most
+# SMs would idle, while torch's reduction splits a row over blocks.
+_TRITON_MIN_ROWS = 256
 # On CPU, torch.cat copies input by input through a TensorIterator (about a microsecond
 # each) unless its output has fewer elements than at::internal::GRAIN_SIZE (32768), where
 # it takes a serial copy loop several times faster. Thousands of small amaxes are
@@ -105,8 +111,10 @@ def _magnitude(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None =
 
 
 def _on_triton(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> bool:
-    """Whether a Triton kernel takes this reduction: CUDA, untraced, a layout it covers."""
-    if not tensor.is_cuda or is_traced(tensor):
+    """Whether a Triton kernel takes this reduction: CUDA, untraced, big enough, a layout it covers."""
+    if not tensor.is_cuda or is_traced(tensor) or tensor.numel() < _TRITON_MIN_ELEMENTS:
+        return False
+    if axis is not None and len(axis) < tensor.dim() and tensor.numel() // tensor.shape[-1] < _TRITON_MIN_ROWS:
         return False
     from . import triton_amax  # imports triton on the first CUDA reduction only
 

@@ -187,7 +187,7 @@ def test_reduce_amax_on_cuda_takes_the_kernels_where_they_apply(monkeypatch):
     for name in ("abs_max", "magnitude_max"):
         original = getattr(triton_amax, name)
         monkeypatch.setattr(triton_amax, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    x = torch.randn(64, 300) * 10
+    x = torch.randn(2048, 1024) * 10
     cases = [
         (x, None, "abs_max"),
         (x.bfloat16(), -1, "abs_max"),
@@ -196,11 +196,30 @@ def test_reduce_amax_on_cuda_takes_the_kernels_where_they_apply(monkeypatch):
         (x.t(), 1, None),
         (x.double(), None, None),
         (x.to(torch.float8_e5m2), 1, None),
+        (x[:64, :300], None, None),  # launch-bound: torch's own reduction
+        (x.reshape(4, -1), -1, None),  # four long rows: torch splits each over many blocks
     ]
     for tensor, axis, kernel in cases:
         calls.clear()
         assert_same(reduce_amax(tensor.cuda(), axis=axis), reduce_amax(tensor, axis=axis))
         assert calls == ([kernel] if kernel else []), (tensor.dtype, axis)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED or not torch.cuda.is_available(), reason="needs triton and CUDA")
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_offsets_past_2_31_elements_on_cuda(dtype):
+    """A value past element 2**31 is found: the kernels index in int64, not int32."""
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs 12 GiB free on the GPU")
+    rows, cols = 1 << 17, (1 << 14) + 8  # 2**31 + 2**20 elements
+    x = torch.zeros(rows, cols, dtype=dtype, device="cuda")
+    x[-1, -1], x[0, 0] = -7, 2
+    assert reduce_amax(x).item() == 7
+    if dtype is torch.bfloat16:
+        per_row = reduce_amax(x, axis=-1)
+        assert per_row[-1].item() == 7 and per_row[0].item() == 2 and per_row[1:-1].abs().max().item() == 0
+    del x
+    torch.cuda.empty_cache()
 
 
 # --- triton is optional ----------------------------------------------------------------------
