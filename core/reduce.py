@@ -13,8 +13,8 @@ one-element result of an axis reduction) and close three gaps of the peer:
 * signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
   overflows to -128 in the input's own dtype).
 
-On CUDA, whole-tensor and last-dimension reductions of contiguous floating (and whole
-float8) tensors run as Triton kernels (``core/triton_amax.py``) where triton is installed.
+On CUDA, a whole float8 tensor of 1M elements or more is read by one Triton kernel
+(``core/triton_amax.py``) where triton is installed.
 """
 
 from __future__ import annotations
@@ -49,11 +49,8 @@ _FNUZ_NAN = 0x80
 # Bytes masked per step: bounds the scratch memory of a float8 reduction.
 _FLOAT8_CHUNK = 1 << 24
 # Below this many elements a reduction is launch-bound, and torch launches for less than
-# Triton's Python launcher costs; the kernels pay off where bandwidth decides.
+# Triton's Python launcher costs; the kernel pays off where bandwidth decides.
 _TRITON_MIN_ELEMENTS = 1 << 20
-# The per-row kernel gives each row (or several) one program: with few, long rows most
-# SMs would idle, while torch's reduction splits a row over blocks.
-_TRITON_MIN_ROWS = 256
 # On CPU, torch.cat copies input by input through a TensorIterator (about a microsecond
 # each) unless its output has fewer elements than at::internal::GRAIN_SIZE (32768), where
 # it takes a serial copy loop several times faster. Thousands of small amaxes are
@@ -111,10 +108,8 @@ def _magnitude(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None =
 
 
 def _on_triton(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> bool:
-    """Whether a Triton kernel takes this reduction: CUDA, untraced, big enough, a layout it covers."""
+    """Whether the Triton kernel takes this reduction: CUDA, untraced, big enough, a layout it covers."""
     if not tensor.is_cuda or is_traced(tensor) or tensor.numel() < _TRITON_MIN_ELEMENTS:
-        return False
-    if axis is not None and len(axis) < tensor.dim() and tensor.numel() // tensor.shape[-1] < _TRITON_MIN_ROWS:
         return False
     from . import triton_amax  # imports triton on the first CUDA reduction only
 
@@ -162,10 +157,6 @@ def _float_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Ten
     dims = axis if axis is not None else tuple(range(tensor.dim()))
     if is_traced(tensor):
         return tensor.abs().amax(dim=dims, keepdim=True)
-    if _on_triton(tensor, axis):
-        from . import triton_amax
-
-        return triton_amax.abs_max(tensor, axis)
     if len(dims) == tensor.dim():
         low, high = torch.aminmax(tensor)
         return torch.maximum(high.abs(), low.abs()).reshape([1] * tensor.dim())

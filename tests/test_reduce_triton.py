@@ -1,4 +1,4 @@
-"""Examples for sharedquant.core.triton_amax: the Triton kernels agree with the torch path.
+"""Examples for sharedquant.core.triton_amax: the float8 Triton kernel agrees with the byte path.
 
 The kernel tests run on CUDA where triton and a GPU are present, and on CPU tensors in
 Triton's interpreter where only triton is (``test_kernels_under_the_triton_interpreter``
@@ -27,7 +27,6 @@ kernels = pytest.mark.skipif(
     not HAS_TRITON or not (INTERPRETED or torch.cuda.is_available()),
     reason="needs triton and CUDA, or triton's interpreter",
 )
-FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
 NAN_BYTES = {  # a NaN code of each format (fnuz: the only one)
     torch.float8_e4m3fn: 0xFF,
@@ -43,12 +42,6 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(actual.signbit(), expected.signbit())
-
-
-def torch_abs_max(x: torch.Tensor, axis) -> torch.Tensor:
-    """The torch composite on the CPU: abs, then amax, reduced dimensions kept."""
-    dims = tuple(range(x.dim())) if axis is None else axis
-    return x.cpu().abs().amax(dim=dims, keepdim=True)
 
 
 def float8_bytes(values: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -69,65 +62,6 @@ def spans(request, monkeypatch):
     """Default launch sizes (small tensors: one step per program), or several steps per program."""
     if request.param == "multi-step":
         monkeypatch.setattr(triton_amax, "_MIN_PROGRAMS", 1)
-
-
-# --- whole-tensor floats ---------------------------------------------------------------------
-
-
-@kernels
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("shape", [(), (1,), (7,), (5, 7, 117), (4097,), (3, 8195)])
-def test_whole_tensor_abs_max_matches_torch(spans, dtype, shape):
-    x = (torch.randn(shape) * 100).to(dtype).to(DEVICE)
-    assert triton_amax.available(x, None)
-    assert_same(triton_amax.abs_max(x, None), torch_abs_max(x, None))
-
-
-@kernels
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("position", [0, 4095, 4096, 12290, -1])
-def test_whole_tensor_nan_anywhere_gives_nan(spans, dtype, position):
-    x = torch.randn(3 * 4096 + 5).to(dtype)
-    x[position] = float("nan")
-    out = triton_amax.abs_max(x.to(DEVICE), None)
-    assert out.shape == (1,) and out.isnan().item()
-
-
-@kernels
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize(
-    "values",
-    [[-float("inf"), 1.0, 2.0], [3.0, float("inf")], [-5.0, -0.5, -2.0], [-0.0, -0.0], [0.0, -0.0, 0.0]],
-    ids=["-inf", "+inf", "negative-only", "negative-zero", "zeros"],
-)
-def test_whole_tensor_special_values(dtype, values):
-    x = torch.tensor(values, dtype=dtype).to(DEVICE)
-    assert_same(triton_amax.abs_max(x, None), torch_abs_max(x, None))
-
-
-# --- per-row floats --------------------------------------------------------------------------
-
-
-@kernels
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("shape", [(3, 1), (5, 37), (300, 16), (2, 4099), (2, 3, 4100), (1, 16385)])
-def test_per_row_abs_max_matches_torch(dtype, shape):
-    x = (torch.randn(shape) * 100).to(dtype).to(DEVICE)
-    axis = (x.dim() - 1,)
-    assert triton_amax.available(x, axis)
-    assert_same(triton_amax.abs_max(x, axis), torch_abs_max(x, axis))
-
-
-@kernels
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_per_row_nan_and_inf_stay_in_their_row(dtype):
-    x = -torch.rand(4, 4101).to(dtype)
-    x[1, 4100] = float("nan")  # in the masked tail of the row
-    x[2, 3] = float("nan")
-    x[3, 0] = -float("inf")
-    out = triton_amax.abs_max(x.to(DEVICE), (1,))
-    assert_same(out, torch_abs_max(x, (1,)))
-    assert out.isnan().flatten().tolist() == [False, True, True, False]
 
 
 # --- float8 ----------------------------------------------------------------------------------
@@ -170,54 +104,43 @@ def test_float8_outside_whole_words_keeps_the_byte_path():
 
 
 @kernels
-def test_available_covers_only_whole_and_last_dim_contiguous_floats():
-    x = torch.randn(4, 6).to(DEVICE)
-    assert triton_amax.available(x, None) and triton_amax.available(x, (0, 1)) and triton_amax.available(x, (1,))
-    assert not triton_amax.available(x, (0,))
-    assert not triton_amax.available(x.t(), (1,))
-    assert not triton_amax.available(x.double(), None)
-    assert not triton_amax.available(x.to(torch.int8), None)
+def test_available_covers_only_whole_contiguous_float8():
+    x = torch.randn(4, 8).to(torch.float8_e4m3fn).to(DEVICE)
+    assert triton_amax.available(x, None) and triton_amax.available(x, (0, 1))
+    assert not triton_amax.available(x, (1,))
+    assert not triton_amax.available(x.t(), None)
+    assert not triton_amax.available(x.float(), None)
     assert not triton_amax.available(x[:0], None)
-    assert not triton_amax.available(x.to(torch.float8_e4m3fn), (1,))
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED or not torch.cuda.is_available(), reason="needs triton and CUDA")
 def test_reduce_amax_on_cuda_takes_the_kernels_where_they_apply(monkeypatch):
     calls = []
-    for name in ("abs_max", "magnitude_max"):
-        original = getattr(triton_amax, name)
-        monkeypatch.setattr(triton_amax, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    original = triton_amax.magnitude_max
+    monkeypatch.setattr(triton_amax, "magnitude_max", lambda tensor: calls.append(tensor.dtype) or original(tensor))
     x = torch.randn(2048, 1024) * 10
     cases = [
-        (x, None, "abs_max"),
-        (x.bfloat16(), -1, "abs_max"),
-        (x.to(torch.float8_e4m3fn), None, "magnitude_max"),
-        (x, 0, None),
-        (x.t(), 1, None),
-        (x.double(), None, None),
-        (x.to(torch.float8_e5m2), 1, None),
-        (x[:64, :300], None, None),  # launch-bound: torch's own reduction
-        (x.reshape(4, -1), -1, None),  # four long rows: torch splits each over many blocks
+        (x.to(torch.float8_e4m3fn), None, True),
+        (x.to(torch.float8_e5m2fnuz), None, True),
+        (x, None, False),
+        (x.bfloat16(), -1, False),
+        (x.to(torch.float8_e5m2), 1, False),
+        (x.to(torch.float8_e4m3fn)[:64, :300], None, False),  # launch-bound: torch's own reduction
     ]
     for tensor, axis, kernel in cases:
         calls.clear()
         assert_same(reduce_amax(tensor.cuda(), axis=axis), reduce_amax(tensor, axis=axis))
-        assert calls == ([kernel] if kernel else []), (tensor.dtype, axis)
+        assert calls == ([tensor.dtype] if kernel else []), (tensor.dtype, axis)
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED or not torch.cuda.is_available(), reason="needs triton and CUDA")
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
-def test_offsets_past_2_31_elements_on_cuda(dtype):
-    """A value past element 2**31 is found: the kernels index in int64, not int32."""
-    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
-        pytest.skip("needs 12 GiB free on the GPU")
-    rows, cols = 1 << 17, (1 << 14) + 8  # 2**31 + 2**20 elements
-    x = torch.zeros(rows, cols, dtype=dtype, device="cuda")
-    x[-1, -1], x[0, 0] = -7, 2
+def test_float8_offsets_past_2_31_elements_on_cuda():
+    """A value past byte 2**31 is found: the kernel indexes in int64, not int32."""
+    if torch.cuda.mem_get_info()[0] < 6 * 2**30:
+        pytest.skip("needs 6 GiB free on the GPU")
+    x = torch.zeros((1 << 31) + (1 << 20), dtype=torch.float8_e4m3fn, device="cuda")
+    x[-1], x[0] = -7, 2
     assert reduce_amax(x).item() == 7
-    if dtype is torch.bfloat16:
-        per_row = reduce_amax(x, axis=-1)
-        assert per_row[-1].item() == 7 and per_row[0].item() == 2 and per_row[1:-1].abs().max().item() == 0
     del x
     torch.cuda.empty_cache()
 
@@ -246,4 +169,4 @@ def test_kernels_under_the_triton_interpreter():
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
     summary = done.stdout.strip().splitlines()[-1]
-    assert int(re.search(r"(\d+) passed", summary).group(1)) > 100, summary
+    assert int(re.search(r"(\d+) passed", summary).group(1)) >= 38, summary
