@@ -4,9 +4,10 @@
     python -m benchmarks.run --quick           # a tiny size: checks that everything runs
     python -m benchmarks.run --gpu             # the rows on CUDA at 1e3 / 1e4 members (needs a GPU)
 
-Prints a table and writes ``benchmarks/RESULTS.md`` (machine, versions, table) and a
-log-log plot of cost against members. Timings are best-of-N wall times with the
-garbage collector paused; compare ratios, not absolute times, on a shared machine.
+Prints a table and writes ``benchmarks/RESULTS.md`` (``RESULTS_GPU.md`` with ``--gpu``:
+machine, versions, table) and a log-log plot of cost against members. Timings are
+best-of-N wall times with the garbage collector paused; compare ratios, not absolute
+times, on a shared machine.
 """
 
 from __future__ import annotations
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that every row runs")
     parser.add_argument("--gpu", action="store_true", help="run the rows on CUDA")
     parser.add_argument("--no-peer", action="store_true", help="leave the peer's columns empty")
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="where to write the results")
+    parser.add_argument("--out", type=Path, help="where to write the results (default: RESULTS.md, --gpu: RESULTS_GPU.md)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = HERE / ("RESULTS_GPU.md" if args.gpu else "RESULTS.md")
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
         print("benchmarks: --gpu asked for but torch sees no CUDA device", file=sys.stderr)
