@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sharedquant.adapters import QuantLinear, SharedWeightGlobalAmaxState, replace_quant_module
+from sharedquant.adapters import QuantLinear, SharedWeightGlobalAmaxState, replace_quant_module, set_ungrouped_global_amax
 from sharedquant.adapters.models import tiny_mixtral
 from sharedquant.core import SHARED_PATTERNS, finalize, find_groups, restore
 
@@ -56,7 +56,7 @@ def untied_copy(model: nn.Module) -> nn.Module:
     return fresh
 
 
-@pytest.mark.parametrize("step", ["populate", "populate again", "restore"])
+@pytest.mark.parametrize("step", ["populate", "populate again", "ungrouped global amax", "restore"])
 def test_adapter_steps_dispatch_the_same_ops_for_4_and_32_experts(step):
     found = {}
     for experts in (4, 32):
@@ -68,6 +68,8 @@ def test_adapter_steps_dispatch_the_same_ops_for_4_and_32_experts(step):
         State.populate(model)
         if step == "populate again":
             found[experts] = ops(lambda: State.populate(model))
+        elif step == "ungrouped global amax":
+            found[experts] = ops(lambda: set_ungrouped_global_amax(model))
         else:
             loaded = untied_copy(model)
             found[experts] = ops(lambda: State.restore(loaded))
