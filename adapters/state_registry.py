@@ -30,8 +30,9 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
     Every group is checked before any state is registered, so a refused attach
     leaves the model as it was.
     """
+    holders = _holders(modules)
     owner: dict[int, SharedQuantState] = {}
-    for fqn in _holders(modules):
+    for fqn in holders:
         for state in modules[fqn]._modules[SHARED_STATES]:
             if same_kind(state, cls):
                 owner.update((id(m), state) for m in state.members)
@@ -64,17 +65,20 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
                 "that contains it"
             )
     result = []
+    holding = set(holders)
     for group, members, existing in plan:
         if existing is not None:
             result.append((existing, False))
             continue
+        holding.add(group.parent)
         state = cls()
         state.set_members(modules[group.parent], members)
         state.__dict__["_group"] = group
         register(modules[group.parent], state)
         state.install_hooks()
         result.append((state, True))
-    state_index.build(modules[""], modules, _holders(modules))
+    # the holders before, and the new parents, in model order (no second read of every module)
+    state_index.build(modules[""], modules, [fqn for fqn in modules if fqn in holding])
     return result
 
 

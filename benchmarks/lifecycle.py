@@ -117,13 +117,15 @@ _NOTES = {
     "core finalize": "pure, over a state dict; peer column: its populate",
     "core unify_state_dict": "pure, over a state dict; peer column: populate + promotion",
 }
+# The peer's promotion swaps quantizer classes in place: only its first call is the real one.
+_PEER_ONCE = {"ungrouped global amax"}
+# The peer has no pure core: its column for those rows is what it runs to get the same values.
+_PEER_EQUIVALENT = {"core finalize": ("populate",), "core unify_state_dict": ("populate", "ungrouped global amax")}
 
 
-def _alternating(step: str, ours: Side, peer: Side | None, rounds: int, sync: bool) -> tuple[float, float | None]:
-    """Best seconds of each side over ``rounds`` rounds, the two sides taking turns."""
+def _alternating(ours: Side, peer: Side | None, rounds: int, peer_rounds: int, sync: bool) -> tuple[float, float | None]:
+    """Best seconds of each side, the two sides taking turns for ``rounds`` rounds (the peer for ``peer_rounds``)."""
     best_ours, best_peer = float("inf"), None
-    # The peer's promotion swaps quantizer classes in place: only its first call is the real one.
-    peer_rounds = 1 if step == "ungrouped global amax" else rounds
     for round_ in range(rounds):
         best_ours = min(best_ours, best_of(ours[0], 1, setup=ours[1], sync=sync))
         if peer is not None and round_ < peer_rounds:
@@ -139,13 +141,13 @@ def run(sizes: list[models.Size], repeats: int = 3, device: str = "cpu", with_pe
     for size in sizes:
         ours = _ours(models.ours(size).to(device))
         peer = _peer(models.peer(size).to(device)) if with_peer and models.peer_available() else {}
+        peer_seconds: dict[str, float | None] = {}
         for step, side in ours.items():
-            # The peer has no pure core: its column for those rows is what it runs to get the same values.
-            mine, theirs = _alternating(step, side, peer.get(step), repeats, sync)
-            if step == "core finalize" and peer:
-                theirs = next(r.peer for r in reversed(rows) if r.step == "populate")
-            elif step == "core unify_state_dict" and peer:
-                theirs = sum(next(r.peer for r in reversed(rows) if r.step == s) for s in ("populate", "ungrouped global amax"))
+            rounds = 1 if step in _PEER_ONCE else repeats
+            mine, theirs = _alternating(side, peer.get(step), repeats, rounds, sync)
+            if step in _PEER_EQUIVALENT and peer:
+                theirs = sum(peer_seconds[s] for s in _PEER_EQUIVALENT[step])
+            peer_seconds[step] = theirs
             rows.append(Row(step, size.members, mine, theirs, _NOTES.get(step, ""), tensor_ops(*side)))
             print(f"  {step:>22} {size.members:>7,} members: {mine * 1e3:9.2f} ms", file=sys.stderr, flush=True)
         if device != "cpu":

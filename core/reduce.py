@@ -107,13 +107,16 @@ def _magnitude(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None =
     return masked
 
 
-def _on_triton(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> bool:
-    """Whether the Triton kernel takes this reduction: CUDA, untraced, big enough, a layout it covers."""
+def _triton_kernels(tensor: torch.Tensor, axis: tuple[int, ...] | None):
+    """``core.triton_amax`` if its kernel takes this reduction, else ``None``.
+
+    It takes CUDA, untraced tensors of at least ``_TRITON_MIN_ELEMENTS`` in a layout it covers.
+    """
     if not tensor.is_cuda or is_traced(tensor) or tensor.numel() < _TRITON_MIN_ELEMENTS:
-        return False
+        return None
     from . import triton_amax  # imports triton on the first CUDA reduction only
 
-    return triton_amax.available(tensor, axis)
+    return triton_amax if triton_amax.available(tensor, axis) else None
 
 
 def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
@@ -122,10 +125,8 @@ def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Te
     dtype = tensor.dtype
     if is_traced(tensor):
         reduced = _magnitude(magnitude, dtype).amax(dim=axis, keepdim=True)
-    elif _on_triton(tensor, axis):
-        from . import triton_amax
-
-        reduced = triton_amax.magnitude_max(tensor)
+    elif (kernels := _triton_kernels(tensor, axis)) is not None:
+        reduced = kernels.magnitude_max(tensor)
     elif axis is None or len(axis) == tensor.dim():
         flat = magnitude.reshape(-1)
         scratch = torch.empty(min(flat.numel(), _FLOAT8_CHUNK), dtype=torch.uint8, device=flat.device)

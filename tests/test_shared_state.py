@@ -27,6 +27,8 @@ from sharedquant.adapters.distributed import ParallelState
 from sharedquant.adapters.models import tiny_llama, tiny_mixtral
 from sharedquant.core import finalize, find_groups
 
+from _models import set_weight_amax  # pytest puts tests/ on sys.path (it has no __init__.py)
+
 # Signature lines of the seed (utils_api_reference.txt), methods prefixed with their class
 # and the peer's module path in the one class-valued default cut to the class name.
 SEED_SIGNATURES = """
@@ -130,12 +132,6 @@ def test_seed_class_attributes_and_properties():
 
 def llama(num_layers: int = 1) -> nn.Module:
     return replace_quant_module(tiny_llama(num_layers=num_layers))
-
-
-def set_weight_amax(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.weight_quantizer.is_enabled:
-            module.weight_quantizer.amax = module.weight_quantizer.observed_amax(module.weight.detach())
 
 
 def states(model: nn.Module, cls=SharedQuantState) -> list[SharedQuantState]:

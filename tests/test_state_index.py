@@ -21,15 +21,13 @@ from sharedquant.adapters.models import tiny_mixtral
 from sharedquant.adapters.state_index import indexed_states
 from sharedquant.core import unify_state_dict
 
+from _models import set_weight_amax  # pytest puts tests/ on sys.path (it has no __init__.py)
+
 State = SharedWeightGlobalAmaxState
 
 
 def calibrated(seed: int = 0, layers: int = 2) -> nn.Module:
-    model = replace_quant_module(tiny_mixtral(seed=seed, num_layers=layers, num_experts=3))
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.weight_quantizer.amax = module.weight_quantizer.observed_amax(module.weight.detach())
-    return model
+    return set_weight_amax(replace_quant_module(tiny_mixtral(seed=seed, num_layers=layers, num_experts=3)))
 
 
 def every_state(model: nn.Module) -> list[SharedQuantState]:
