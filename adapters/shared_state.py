@@ -24,6 +24,7 @@ from sharedquant.core.groups import SHARED_PATTERNS, Group
 from sharedquant.core.reduce import round_up_to_fp32
 from sharedquant.core.state import UNSET, SharedAmax
 
+from .blank_modules import fields_only
 from .modules import discover_groups
 from .quantizer import TensorQuantizer
 from .state_batch import (
@@ -58,18 +59,20 @@ class SharedQuantState(nn.Module, ABC):
     target_quantizer_kind: ClassVar[str] = "weight"
     default_patterns: ClassVar[tuple[str, ...]] = ()
 
+    def __new__(cls, *args, **kwargs):
+        # Here, not in __init__: copy, unpickling and blank_modules make states
+        # without __init__, and every live state must be counted.
+        state = super().__new__(cls)
+        track(state)
+        return state
+
+    @fields_only
     def __init__(self) -> None:
         """An empty state: no parent, no members, no hooks."""
         super().__init__()
         # Plain attributes, not submodules: the members and parent already live in
         # the model tree, registering them here would duplicate them in state_dict.
         self.__dict__.update(_parent=None, _members=(), _hook_handles=[], _group=None)
-        track(self)
-
-    def __setstate__(self, state) -> None:
-        # deepcopy and unpickling make states without __init__: count them as live too
-        super().__setstate__(state)
-        track(self)
 
     # -- membership -------------------------------------------------------------------
     def set_members(self, parent: nn.Module, members: Sequence[nn.Module]) -> None:
@@ -240,6 +243,7 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
     target_quantizer_kind: ClassVar[str] = "weight"
     default_patterns: ClassVar[tuple[str, ...]] = SHARED_PATTERNS
 
+    @fields_only
     def __init__(self) -> None:
         """A state with an unset (``None``) canonical ``global_amax``."""
         super().__init__()

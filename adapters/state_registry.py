@@ -8,6 +8,7 @@ parents: their ``_shared_quant_states`` list and one load-state-dict pre-hook ea
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -15,7 +16,7 @@ from torch import nn
 from sharedquant.core import lifecycle
 from sharedquant.core.groups import Group
 
-from . import state_index
+from . import blank_modules, state_index
 from .modules import CONTAINERS, quantizer_attr
 from .state_index import SHARED_STATES
 from .tying import untie_
@@ -39,7 +40,7 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
     plan = []
     for group in groups:
         members = [modules[m] for m in group.members]
-        owners = {id(s): s for s in (owner.get(id(m)) for m in members) if s is not None}
+        owners = {id(s): s for s in (owner.get(id(m)) for m in members) if s is not None} if owner else None
         if not owners:
             plan.append((group, members, None))
             continue
@@ -66,12 +67,13 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
             )
     result = []
     holding = set(holders)
+    new_state = blank_modules.maker(cls)
     for group, members, existing in plan:
         if existing is not None:
             result.append((existing, False))
             continue
         holding.add(group.parent)
-        state = cls()
+        state = new_state()
         state.set_members(modules[group.parent], members)
         state.__dict__["_group"] = group
         register(modules[group.parent], state)
@@ -94,15 +96,21 @@ def same_kind(state: SharedQuantState, cls: type[SharedQuantState]) -> bool:
     )
 
 
+_CHECK_KEY = "sharedquant.check_incoming_agree"  # the parents' load pre-hook
+
+
 def register(parent: nn.Module, state: SharedQuantState) -> None:
     # Straight into _modules: add_module's name checks cost more than the rest of an
     # attach per group, and the names here are fixed and valid.
     states = parent._modules.get(SHARED_STATES)
     if states is None:
-        states = parent._modules[SHARED_STATES] = nn.ModuleList()
+        states = parent._modules[SHARED_STATES] = blank_modules.maker(nn.ModuleList)()
         # On the parent, not the root: a load into any module that holds the group
         # (the whole model, one layer, a wrapper around either) must run the check.
-        parent.register_load_state_dict_pre_hook(check_incoming_agree)
+        # Written as register_load_state_dict_pre_hook would, without its handle and
+        # the name and docs it copies onto each hook (a sixth of an attach). One per
+        # parent, under a fixed key: a parent whose list is rebuilt keeps one check.
+        parent._load_state_dict_pre_hooks[_CHECK_KEY] = partial(check_incoming_agree, parent)
     states._modules[str(len(states._modules))] = state
 
 

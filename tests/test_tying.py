@@ -259,6 +259,28 @@ def test_loading_a_disagreeing_layer_into_a_submodule_is_reported_too():
     assert layer.self_attn.q_proj.weight_quantizer.global_amax.item() != 5.0
 
 
+def test_a_deep_copy_checks_its_own_loads_and_leaves_the_original_tied():
+    model = calibrated()
+    clone = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="group 'model.layers.0.self_attn'"):
+        clone.load_state_dict(disagreeing_state_dict())
+    assert clone.model.layers[0].self_attn.k_proj.weight_quantizer.global_amax.item() == 5.0
+    assert not is_tied(clone.model.layers[0].self_attn.q_proj.weight_quantizer, "_global_amax")
+    assert_all_tied(model)
+    assert model.model.layers[0].self_attn.k_proj.weight_quantizer.global_amax.item() != 5.0
+
+
+def test_a_parent_whose_states_are_attached_again_checks_a_load_once():
+    model = calibrated()
+    attn = model.model.layers[0].self_attn
+    del attn._shared_quant_states
+    assert SharedWeightGlobalAmaxState.attach(model) == 1
+    SharedWeightGlobalAmaxState.populate(model)
+    with pytest.raises(RuntimeError) as raised:
+        model.load_state_dict(disagreeing_state_dict())
+    assert str(raised.value).count("group 'model.layers.0.self_attn'") == 1
+
+
 def test_loading_an_agreeing_checkpoint_into_a_tied_model_updates_the_shared_value():
     model = calibrated()
     state_dict = model.state_dict()
