@@ -110,7 +110,7 @@ def max_calibrate(
         ValueError: a bad ``shared_states`` config (before anything is touched).
     """
     patterns = SharedWeightGlobalAmaxState.resolve_patterns(shared_states)
-    slots = _slots(walk_modules(model))
+    slots = _slots(walk_modules(model).items())
     SharedWeightGlobalAmaxState.attach(model, patterns)
     for slot in slots:
         if slot.weight is not None:
@@ -156,7 +156,7 @@ def set_ungrouped_global_amax(model: nn.Module) -> int:
     Returns:
         How many quantizers were set.
     """
-    return _set_ungrouped_global_amax(_slots(walk_modules(model)))
+    return _set_ungrouped_global_amax(_slots(walk_modules(model).items()))
 
 
 def _set_ungrouped_global_amax(slots: list[_Slot]) -> int:

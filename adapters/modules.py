@@ -44,28 +44,29 @@ def is_quantizer(module) -> bool:
     return isinstance(module, TensorQuantizer) or any(cls.__name__ == "TensorQuantizer" for cls in type(module).__mro__)
 
 
-def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The modules that have children, with their FQNs, in ``named_modules()`` order.
+def walk_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """FQN -> module for the modules that have children, in ``named_modules()`` order.
 
     Leaves are skipped: a leaf (a quantizer, a norm) owns no quantizer, holds no
     shared state and contains nothing, so discovery never needs it, and on MoE
     models most modules are leaves (three quantizers per linear). Each module is
-    visited once, as ``named_modules`` does.
+    listed once, at its first FQN, as ``named_modules`` does.
     """
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        prefix = f"{name}." if name else ""
-        stack += [
-            (prefix + child_name, child)
-            for child_name, child in reversed(module._modules.items())
-            if child is not None and child._modules
-        ]
+    found = {"": model}
+    seen = {id(model)}
+
+    # Recursion, as named_modules does: a third faster here than an explicit stack of
+    # (name, module) tuples, and models nest a few dozen levels at most.
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module._modules.items():
+            if child is not None and child._modules and id(child) not in seen:
+                seen.add(id(child))
+                name = prefix + child_name
+                found[name] = child
+                visit(name + ".", child)
+
+    visit("", model)
+    return found
 
 
 def _enabled_quantizer(module: nn.Module, attr: str) -> bool:
@@ -94,11 +95,10 @@ def discover_groups(
         raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
     compile_patterns(patterns or (), where)
     attr = quantizer_attr(target_quantizer_kind)
-    modules: dict[str, nn.Module] = {}
+    modules = walk_modules(model)
     names: list[str] = []
     containers: list[str] = []
-    for name, module in walk_modules(model):
-        modules[name] = module
+    for name, module in modules.items():
         if isinstance(module, CONTAINERS):
             containers.append(name)
         elif _enabled_quantizer(module, attr):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import weakref
+from itertools import repeat
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -61,19 +62,28 @@ def build(model: nn.Module, modules: Mapping[str, nn.Module], holders: Sequence[
     ``modules`` maps FQN -> module for one walk of ``model``; ``holders`` names, in
     model order, every module in it that owns a state list.
     """
-    links: dict[tuple[int, str], tuple[dict, str, object]] = {}
+    paths: dict[tuple[int, str], tuple[dict, str, object]] = {}  # shared prefixes, once each
+    dicts: list[dict] = []
+    names: list[str] = []
+    targets: list[object] = []
     states: list[SharedQuantState] = []
     for fqn in holders:
         module = modules[fqn]
         state_list = module._modules[SHARED_STATES]
-        if not _link_path(links, modules, fqn):
+        if not _link_path(paths, modules, fqn):
             continue
-        links[(id(module._modules), SHARED_STATES)] = (module._modules, SHARED_STATES, state_list)
-        for name, state in state_list._modules.items():
-            links[(id(state_list._modules), name)] = (state_list._modules, name, state)
-            states.append(state)
-    dicts, names, targets = zip(*links.values()) if links else ((), (), ())
-    model.__dict__[INDEX] = StateIndex(dicts, names, targets, tuple(dict.fromkeys(states)))
+        # a holder's own links are met once: appended, not deduplicated
+        listed = state_list._modules
+        dicts += [module._modules, *repeat(listed, len(listed))]
+        names += [SHARED_STATES, *listed]
+        targets += [state_list, *listed.values()]
+        states += listed.values()
+    if paths:
+        path_dicts, path_names, path_targets = zip(*paths.values())
+        dicts += path_dicts
+        names += path_names
+        targets += path_targets
+    model.__dict__[INDEX] = StateIndex(tuple(dicts), tuple(names), tuple(targets), tuple(dict.fromkeys(states)))
 
 
 def _link_path(links: dict, modules: Mapping[str, nn.Module], fqn: str) -> bool:
