@@ -3,7 +3,8 @@
 ``nn.Module.__init__`` costs about 8 us: seventeen attributes set one by one through
 ``super().__setattr__`` and ten new ``OrderedDict``s. A constructor that only sets
 fields (no arguments, no side effects) gives every instance the same fields, so a
-copy of one instance's fields is the same as running it, at about half the cost.
+copy of one instance's fields is the same as running it: 7 us against 16 us for a
+state (its constructor chain and ``register_buffer``), 6 us against 8 us for a list.
 
 A constructor says it only sets fields with ``@fields_only``; torch's ``Module`` and
 ``ModuleList`` constructors do, called without arguments. Side effects that must

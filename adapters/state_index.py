@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import operator
 import weakref
-from itertools import repeat
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING, NamedTuple
 
 from torch import nn

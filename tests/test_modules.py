@@ -25,6 +25,7 @@ from sharedquant.adapters import (
     weight_attr_names,
 )
 from sharedquant.adapters.models import tiny_llama, tiny_mixtral
+from sharedquant.adapters.modules import walk_modules
 from sharedquant.core import find_groups
 
 
@@ -158,6 +159,18 @@ def test_a_sequential_parent_is_climbed_past_so_its_forward_is_intact():
     max_calibrate(model)
     assert list(model.mlp._modules) == ["gate_proj", "up_proj", "act"]
     assert model(torch.randn(2, 16)).shape == (2, 16)
+
+
+def test_walk_modules_lists_the_modules_with_children_once_each_in_named_modules_order():
+    model = replace_quant_module(tiny_mixtral(num_layers=2, num_experts=3))
+    shared = model.model.layers[0].self_attn
+    model.model.layers[1].alias = shared  # one module at two FQNs: listed at its first
+    model.model.layers[1].empty = None
+    expected = {name: module for name, module in model.named_modules() if module._modules}
+    walked = walk_modules(model)
+    assert list(walked) == list(expected)
+    assert all(walked[name] is module for name, module in expected.items())
+    assert "model.layers.1.alias" not in walked
 
 
 def test_target_quantizer_kind_selects_the_quantizer():
