@@ -32,13 +32,18 @@ if TYPE_CHECKING:
 INDEX = "_shared_quant_state_index"
 SHARED_STATES = "_shared_quant_states"
 
-# Every SharedQuantState alive in the process (added by __init__ and __setstate__).
+# Every SharedQuantState alive in the process (added by SharedQuantState.__new__).
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 def track(state: SharedQuantState) -> None:
-    """Count ``state`` among the live states (its constructor and unpickler call this)."""
+    """Count ``state`` among the live states (``SharedQuantState.__new__`` calls this)."""
     _LIVE.add(state)
+
+
+def any_live() -> bool:
+    """Whether any state is alive in the process (none before the first attach)."""
+    return bool(_LIVE)
 
 
 class StateIndex(NamedTuple):
@@ -62,7 +67,7 @@ def build(model: nn.Module, modules: Mapping[str, nn.Module], holders: Sequence[
     ``modules`` maps FQN -> module for one walk of ``model``; ``holders`` names, in
     model order, every module in it that owns a state list.
     """
-    paths: dict[tuple[int, str], tuple[dict, str, object]] = {}  # shared prefixes, once each
+    paths: dict[str, tuple[dict, str, object]] = {}  # shared prefixes, once each
     dicts: list[dict] = []
     names: list[str] = []
     targets: list[object] = []
@@ -90,15 +95,13 @@ def _link_path(links: dict, modules: Mapping[str, nn.Module], fqn: str) -> bool:
     # One link per step from the root to ``fqn``, shared prefixes added once. A name
     # that is not a plain dotted path (no parent in ``modules``) is left unindexed,
     # which makes the index fail its count: the walk then finds that state.
-    while fqn:
+    # Keyed by the child's FQN: ``modules`` lists each module once, so one FQN is one link.
+    while fqn and fqn not in links:
         parent, _, name = fqn.rpartition(".")
         owner = modules.get(parent)
         if owner is None:
             return False
-        key = (id(owner._modules), name)
-        if key in links:
-            return True
-        links[key] = (owner._modules, name, modules[fqn])
+        links[fqn] = (owner._modules, name, modules[fqn])
         fqn = parent
     return True
 

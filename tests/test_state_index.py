@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from sharedquant.adapters import (
     replace_quant_module,
 )
 from sharedquant.adapters.models import tiny_mixtral
+from sharedquant.adapters import state_index
 from sharedquant.adapters.state_index import indexed_states
 from sharedquant.core import unify_state_dict
 
@@ -165,4 +167,20 @@ def test_a_model_pickled_whole_and_loaded_populates_its_own_states():
     assert list(iter_shared_quant_states(loaded)) == every_state(loaded)
     assert State.populate(loaded) == len(every_state(loaded))
     assert_populated_like_the_core(loaded)
+    assert_populated_like_the_core(model)
+
+
+def test_a_first_attach_in_a_process_fills_state_lists_left_empty(monkeypatch):
+    model = calibrated()
+    State.attach(model)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and m and isinstance(m[0], SharedQuantState)]
+    for state_list in lists:
+        state_list._modules.clear()
+    monkeypatch.setattr(state_index, "_LIVE", weakref.WeakSet())  # as in a fresh process: no state alive
+    assert not state_index.any_live()
+    created = State.attach(model)
+    assert created == len(every_state(model)) > 0
+    assert all(len(state_list) >= 1 for state_list in lists)  # the old lists were filled, not replaced
+    assert list(indexed_states(model)) == every_state(model)
+    assert State.populate(model) == created
     assert_populated_like_the_core(model)
