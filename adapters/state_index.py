@@ -92,10 +92,10 @@ def build(model: nn.Module, modules: Mapping[str, nn.Module], holders: Sequence[
 
 
 def _link_path(links: dict, modules: Mapping[str, nn.Module], fqn: str) -> bool:
-    # One link per step from the root to ``fqn``, shared prefixes added once. A name
+    # One link per step from the root to ``fqn``, shared prefixes added once, keyed by
+    # the child's FQN (``modules`` lists each module once: one FQN is one link). A name
     # that is not a plain dotted path (no parent in ``modules``) is left unindexed,
     # which makes the index fail its count: the walk then finds that state.
-    # Keyed by the child's FQN: ``modules`` lists each module once, so one FQN is one link.
     while fqn and fqn not in links:
         parent, _, name = fqn.rpartition(".")
         owner = modules.get(parent)
