@@ -18,7 +18,7 @@ import torch
 from sharedquant.core import reduce_amax
 
 from .models import peer_available
-from .timing import best_of
+from .timing import best_of, best_of_each
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,11 @@ def run(
     out = []
     for case, tensor, axis in _cases(elements, device):
         dims = None if axis is None else (axis,)
-        amax = best_of(lambda: tensor.amax(dim=dims) if dims else tensor.amax(), repeats, sync=sync)
-        ours = best_of(lambda: reduce_amax(tensor, axis=axis), repeats, sync=sync)
-        theirs = best_of(lambda: peer(tensor, axis=axis), repeats, sync=sync) if peer else None
+        sides = [lambda: tensor.amax(dim=dims) if dims else tensor.amax(), lambda: reduce_amax(tensor, axis=axis)]
+        if peer:
+            sides.append(lambda: peer(tensor, axis=axis))
+        amax, ours, *theirs = best_of_each(sides, repeats, sync=sync)
+        theirs = theirs[0] if theirs else None
         out.append(Row(case, tensor.numel() * tensor.element_size(), ours, amax, theirs))
     out.append(_float8_row(fp8_elements, repeats, device, peer is not None, isolate))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,6 +33,14 @@ def best_of(fn: Callable[[], object], repeats: int = 3, setup: Callable[[], obje
             best = min(best, time.perf_counter() - start)
         finally:
             gc.enable()
+    return best
+
+
+def best_of_each(fns: Sequence[Callable[[], object]], repeats: int = 3, sync: bool = False) -> list[float]:
+    """``best_of`` for each of ``fns``, taking turns round by round (load that comes and goes lands on all)."""
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        best = [min(seconds, best_of(fn, 1, sync=sync)) for seconds, fn in zip(best, fns)]
     return best
 
 
