@@ -165,7 +165,7 @@ def test_walk_modules_lists_the_modules_with_children_once_each_in_named_modules
     model = replace_quant_module(tiny_mixtral(num_layers=2, num_experts=3))
     shared = model.model.layers[0].self_attn
     model.model.layers[1].alias = shared  # one module at two FQNs: listed at its first
-    model.model.layers[1].empty = None
+    model.model.layers[1].add_module("empty", None)  # a child slot holding None
     expected = {name: module for name, module in model.named_modules() if module._modules}
     walked = walk_modules(model)
     assert list(walked) == list(expected)
