@@ -24,7 +24,7 @@ from sharedquant.adapters.modules import discover_groups
 from sharedquant.core import finalize, unify_state_dict
 
 from . import models
-from .timing import best_of, tensor_ops
+from .timing import best_of_each, tensor_ops
 
 
 @dataclass(frozen=True)
@@ -123,17 +123,6 @@ _PEER_ONCE = {"ungrouped global amax"}
 _PEER_EQUIVALENT = {"core finalize": ("populate",), "core unify_state_dict": ("populate", "ungrouped global amax")}
 
 
-def _alternating(ours: Side, peer: Side | None, rounds: int, peer_rounds: int, sync: bool) -> tuple[float, float | None]:
-    """Best seconds of each side, the two sides taking turns for ``rounds`` rounds (the peer for ``peer_rounds``)."""
-    best_ours, best_peer = float("inf"), None
-    for round_ in range(rounds):
-        best_ours = min(best_ours, best_of(ours[0], 1, setup=ours[1], sync=sync))
-        if peer is not None and round_ < peer_rounds:
-            seconds = best_of(peer[0], 1, setup=peer[1], sync=sync)
-            best_peer = seconds if best_peer is None else min(best_peer, seconds)
-    return best_ours, best_peer
-
-
 def run(sizes: list[models.Size], repeats: int = 3, device: str = "cpu", with_peer: bool = True) -> list[Row]:
     """Every step at every size; the peer's column when it is installed and asked for."""
     rows: list[Row] = []
@@ -143,8 +132,9 @@ def run(sizes: list[models.Size], repeats: int = 3, device: str = "cpu", with_pe
         peer = _peer(models.peer(size).to(device)) if with_peer and models.peer_available() else {}
         peer_seconds: dict[str, float | None] = {}
         for step, side in ours.items():
-            rounds = 1 if step in _PEER_ONCE else repeats
-            mine, theirs = _alternating(side, peer.get(step), repeats, rounds, sync)
+            peer_rounds = 0 if step not in peer else 1 if step in _PEER_ONCE else repeats
+            # a step the peer lacks gets no rounds: the stand-in side there never runs
+            mine, theirs = best_of_each([side, peer.get(step, side)], [repeats, peer_rounds], sync)
             if step in _PEER_EQUIVALENT and peer:
                 theirs = sum(peer_seconds[s] for s in _PEER_EQUIVALENT[step])
             peer_seconds[step] = theirs

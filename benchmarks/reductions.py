@@ -64,11 +64,12 @@ def run(
     out = []
     for case, tensor, axis in _cases(elements, device):
         dims = None if axis is None else (axis,)
-        sides = [lambda: tensor.amax(dim=dims) if dims else tensor.amax(), lambda: reduce_amax(tensor, axis=axis)]
-        if peer:
-            sides.append(lambda: peer(tensor, axis=axis))
-        amax, ours, *theirs = best_of_each(sides, repeats, sync=sync)
-        theirs = theirs[0] if theirs else None
+        sides = [
+            (lambda: tensor.amax(dim=dims) if dims else tensor.amax(), None),
+            (lambda: reduce_amax(tensor, axis=axis), None),
+            (lambda: peer(tensor, axis=axis), None),
+        ]
+        amax, ours, theirs = best_of_each(sides, [repeats, repeats, repeats if peer else 0], sync=sync)
         out.append(Row(case, tensor.numel() * tensor.element_size(), ours, amax, theirs))
     out.append(_float8_row(fp8_elements, repeats, device, peer is not None, isolate))
     return out

@@ -36,11 +36,20 @@ def best_of(fn: Callable[[], object], repeats: int = 3, setup: Callable[[], obje
     return best
 
 
-def best_of_each(fns: Sequence[Callable[[], object]], repeats: int = 3, sync: bool = False) -> list[float]:
-    """``best_of`` for each of ``fns``, taking turns round by round (load that comes and goes lands on all)."""
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        best = [min(seconds, best_of(fn, 1, sync=sync)) for seconds, fn in zip(best, fns)]
+def best_of_each(
+    sides: Sequence[tuple[Callable[[], object], Callable[[], object] | None]], rounds: Sequence[int], sync: bool = False
+) -> list[float | None]:
+    """``best_of`` for each ``(fn, setup)`` side, the sides taking turns round by round.
+
+    Side ``i`` runs ``rounds[i]`` rounds (``None`` for none): load that comes and goes on a
+    shared machine lands on every side alike.
+    """
+    best: list[float | None] = [None] * len(sides)
+    for round_ in range(max(rounds, default=0)):
+        for i, (fn, setup) in enumerate(sides):
+            if round_ < rounds[i]:
+                seconds = best_of(fn, 1, setup=setup, sync=sync)
+                best[i] = seconds if best[i] is None else min(best[i], seconds)
     return best
 
 
