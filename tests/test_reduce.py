@@ -101,6 +101,37 @@ def test_reduce_amax_negative_side_wins_when_larger():
     assert torch.equal(reduce_amax(torch.tensor([[-10.0, 1.0], [2.0, -3.0]]), axis=1), torch.tensor([[10.0], [3.0]]))
 
 
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def awkward_floats(dtype: torch.dtype) -> torch.Tensor:
+    """A [4, 6, 8] tensor whose abs-max sits on the negative side in some rows, with NaN, inf and -0.0."""
+    x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0], x[1, 2, 3], x[2, 5, 7] = float("nan"), float("-inf"), -0.0
+    x[3, 1] = -100.0
+    x[3, 2] = 0.0
+    return x.to(dtype)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("axis", [None, 0, 1, -1, (0, 2), (1, 2)])
+def test_reduce_amax_on_cuda_equals_the_cpu_result_exactly(dtype, axis):
+    x = awkward_floats(dtype)
+    expected = reduce_amax(x, axis=axis)
+    actual = reduce_amax(x.cuda(), axis=axis)
+    assert actual.is_cuda and actual.dtype == dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+    numbers = actual.cpu()[~actual.cpu().isnan()]
+    assert not torch.signbit(numbers).any()  # |-0.0| is +0.0
+
+
+@cuda
+def test_reduce_amax_on_cuda_of_a_non_contiguous_view():
+    x = awkward_floats(torch.float32).cuda().transpose(0, 2)[::2]
+    torch.testing.assert_close(reduce_amax(x, axis=1).cpu(), reduce_amax(x.cpu(), axis=1), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("axis", [None, 0, (0, 1)])
 def test_reduce_amax_int8_gives_true_magnitude_128(axis):
     x = torch.tensor([[-128, 5]], dtype=torch.int8)
