@@ -181,7 +181,6 @@ def _abs_max(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor
     return _float_amax(tensor, axis)
 
 
-@torch.no_grad()
 def reduce_amax(input, axis=None, keepdims=True, squeeze_scalar=True):
     """Absolute maximum of ``input`` over ``axis``, reading it once.
 
@@ -206,7 +205,9 @@ def reduce_amax(input, axis=None, keepdims=True, squeeze_scalar=True):
     reduced_sizes = input.shape if axes is None else [input.shape[a] for a in axes]
     if 0 in reduced_sizes:
         raise ValueError(f"reduce_amax: input is empty along the reduced axes (shape {tuple(input.shape)})")
-    output = _abs_max(input, axes)
+    # detached, not under no_grad: entering a grad mode costs more host time than the
+    # launch of a GPU reduction, which then waits on it
+    output = _abs_max(input.detach(), axes)
     if axes is None:
         return output.reshape(())
     if not keepdims and axes:
