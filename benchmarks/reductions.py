@@ -60,6 +60,9 @@ def run(
     needs; without it both run here and the memory columns stay empty.
     """
     sync = device != "cpu"
+    # A GPU call takes under a millisecond, host jitter is a large share of it: more
+    # rounds, back to back (no collection between them, see timing.best_of).
+    rounds = repeats * 5 if sync else repeats
     peer = _peer_reduce() if with_peer and peer_available() else None
     out = []
     for case, tensor, axis in _cases(elements, device):
@@ -69,9 +72,9 @@ def run(
             (lambda: reduce_amax(tensor, axis=axis), None),
             (lambda: peer(tensor, axis=axis), None),
         ]
-        amax, ours, theirs = best_of_each(sides, [repeats, repeats, repeats if peer else 0], sync=sync)
+        amax, ours, theirs = best_of_each(sides, [rounds, rounds, rounds if peer else 0], sync=sync, collect=not sync)
         out.append(Row(case, tensor.numel() * tensor.element_size(), ours, amax, theirs))
-    out.append(_float8_row(fp8_elements, repeats, device, peer is not None, isolate))
+    out.append(_float8_row(fp8_elements, rounds, device, peer is not None, isolate))
     return out
 
 
@@ -94,7 +97,8 @@ def _float8_here(side: str, elements: int, repeats: int, device: str) -> dict:
 
     reduce = reduce_amax if side == "ours" else _peer_reduce()
     tensor = random_float8(elements, device)
-    return {"seconds": best_of(lambda: reduce(tensor), repeats, sync=device != "cpu"), "extra_mib": None}
+    sync = device != "cpu"
+    return {"seconds": best_of(lambda: reduce(tensor), repeats, sync=sync, collect=not sync), "extra_mib": None}
 
 
 def _float8_child(side: str, elements: int, repeats: int, device: str) -> dict:

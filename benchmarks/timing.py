@@ -15,13 +15,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def best_of(fn: Callable[[], object], repeats: int = 3, setup: Callable[[], object] | None = None, sync: bool = False) -> float:
-    """Minimum seconds of ``fn()`` over ``repeats`` runs, ``setup()`` (untimed) before each."""
+def best_of(
+    fn: Callable[[], object],
+    repeats: int = 3,
+    setup: Callable[[], object] | None = None,
+    sync: bool = False,
+    collect: bool = True,
+) -> float:
+    """Minimum seconds of ``fn()`` over ``repeats`` runs, ``setup()`` (untimed) before each.
+
+    ``collect=False`` skips the collection before each run: for kernels timed back to
+    back, whose GPU clocks drop during a collection's idle tens of milliseconds.
+    """
     best = float("inf")
     for _ in range(repeats):
         if setup is not None:
             setup()
-        gc.collect()
+        if collect:
+            gc.collect()
         gc.disable()
         try:
             if sync:
@@ -37,7 +48,10 @@ def best_of(fn: Callable[[], object], repeats: int = 3, setup: Callable[[], obje
 
 
 def best_of_each(
-    sides: Sequence[tuple[Callable[[], object], Callable[[], object] | None]], rounds: Sequence[int], sync: bool = False
+    sides: Sequence[tuple[Callable[[], object], Callable[[], object] | None]],
+    rounds: Sequence[int],
+    sync: bool = False,
+    collect: bool = True,
 ) -> list[float | None]:
     """``best_of`` for each ``(fn, setup)`` side, the sides taking turns round by round.
 
@@ -48,7 +62,7 @@ def best_of_each(
     for round_ in range(max(rounds, default=0)):
         for i, (fn, setup) in enumerate(sides):
             if round_ < rounds[i]:
-                seconds = best_of(fn, 1, setup=setup, sync=sync)
+                seconds = best_of(fn, 1, setup=setup, sync=sync, collect=collect)
                 best[i] = seconds if best[i] is None else min(best[i], seconds)
     return best
 
