@@ -1,13 +1,14 @@
 """Reductions: absolute maximum, sum, per-block amax. Pure functions of tensors.
 
-Everything here reads its input once, records no gradient and never writes to its
-input. ``reduce_amax`` and ``reduce_sum`` keep the seed's semantics (``axis=None``
-gives a 0-dim result whatever ``keepdims`` says; ``squeeze_scalar`` squeezes a
-one-element result of an axis reduction) and close three gaps of the peer:
+Everything here records no gradient and never writes to its input. ``reduce_amax``
+and ``reduce_sum`` keep the seed's semantics (``axis=None`` gives a 0-dim result
+whatever ``keepdims`` says; ``squeeze_scalar`` squeezes a one-element result of an
+axis reduction) and close three gaps of the peer:
 
-* floating inputs are read in ONE pass (``aminmax`` for whole-tensor reductions, a
-  fused ``abs().amax()`` under ``torch.compile`` and ``torch.func``), not a max pass
-  and a min pass;
+* floating inputs are read in ONE pass: torch's inf-norm kernel on CUDA, ``aminmax``
+  for whole-tensor reductions on the CPU, a fused ``abs().amax()`` under
+  ``torch.compile`` and ``torch.func``. Only a CPU reduction over some dimensions
+  takes a max pass and a min pass: torch has no vectorized one-pass kernel for it;
 * float8 inputs are reduced over their bytes, in bounded chunks, without ever
   materialising a wider copy (the peer upcasts the whole tensor to fp32 first);
 * signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
