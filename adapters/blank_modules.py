@@ -56,7 +56,7 @@ def _field_copier(cls: type[M]) -> Callable[[], M] | None:
     fields = cls().__dict__
     if not all(map(_plain, fields.values())):
         return None
-    atoms = {name: value for name, value in fields.items() if type(value) in _ATOMS or type(value) is tuple}
+    atoms = {name: value for name, value in fields.items() if type(value) in (*_ATOMS, tuple)}
     # an empty container is made by its type (about twice as fast as copying one)
     empty = [(name, type(value)) for name, value in fields.items() if name not in atoms and not value]
     filled = [(name, value) for name, value in fields.items() if name not in atoms and value]
@@ -77,7 +77,7 @@ def _plain(value) -> bool:
     kind = type(value)
     if kind in _ATOMS:
         return True
-    if kind is tuple or kind in (set, list):
+    if kind in (tuple, set, list):
         return all(type(item) in _ATOMS for item in value)
     if kind in (dict, OrderedDict):
         return all(type(item) in _ATOMS for pair in value.items() for item in pair)

@@ -55,7 +55,7 @@ def best_of_each(
 ) -> list[float | None]:
     """``best_of`` for each ``(fn, setup)`` side, the sides taking turns round by round.
 
-    Side ``i`` runs ``rounds[i]`` rounds (``None`` for none): load that comes and goes on a
+    Side ``i`` runs ``rounds[i]`` rounds (0 for none): load that comes and goes on a
     shared machine lands on every side alike.
     """
     best: list[float | None] = [None] * len(sides)

@@ -163,7 +163,7 @@ def _float_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Ten
     if tensor.is_cuda:
         # torch's inf-norm kernel is the abs-max with the abs fused into its one read
         # (NaN propagates): 0.96x to 1.01x of a plain amax on an H100. On the CPU it
-        # is not vectorized, 10x slower.
+        # is not vectorized: 13x slower than amax over 256 MiB of fp32.
         return torch.linalg.vector_norm(tensor, math.inf, dim=dims, keepdim=True)
     if len(dims) == tensor.dim():
         low, high = torch.aminmax(tensor)

@@ -18,8 +18,8 @@ from sharedquant.adapters import (
     iter_shared_quant_states,
     replace_quant_module,
 )
-from sharedquant.adapters.models import tiny_mixtral
 from sharedquant.adapters import state_index
+from sharedquant.adapters.models import tiny_mixtral
 from sharedquant.adapters.state_index import indexed_states
 from sharedquant.core import unify_state_dict
 
