@@ -5,10 +5,12 @@ and ``reduce_sum`` keep the seed's semantics (``axis=None`` gives a 0-dim result
 whatever ``keepdims`` says; ``squeeze_scalar`` squeezes a one-element result of an
 axis reduction) and close three gaps of the peer:
 
-* floating inputs are read in ONE pass: torch's inf-norm kernel on CUDA, ``aminmax``
-  for whole-tensor reductions on the CPU, a fused ``abs().amax()`` under
-  ``torch.compile`` and ``torch.func``. Only a CPU reduction over some dimensions
-  takes a max pass and a min pass: torch has no vectorized one-pass kernel for it;
+* floating inputs are read in ONE pass: torch's inf-norm kernel on CUDA, an
+  inductor-built kernel for large CPU tensors (``core/cpu_amax.py``), ``aminmax`` for
+  smaller whole-tensor CPU reductions, a fused ``abs().amax()`` under
+  ``torch.compile`` and ``torch.func``. Only a smaller CPU reduction over some
+  dimensions takes a max pass and a min pass: torch has no vectorized one-pass kernel
+  for it, and there the second pass reads from cache;
 * float8 inputs are reduced over their bytes, in bounded chunks, without ever
   materialising a wider copy (the peer upcasts the whole tensor to fp32 first);
 * signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
@@ -26,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from itertools import accumulate
 
 import torch
+
+from . import cpu_amax
 
 __all__ = [
     "convert_quantization_axis_to_reduce_axis",
@@ -165,11 +169,13 @@ def _float_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Ten
         # (NaN propagates): 0.96x to 1.01x of a plain amax on an H100. On the CPU it
         # is not vectorized: 13x slower than amax over 256 MiB of fp32.
         return torch.linalg.vector_norm(tensor, math.inf, dim=dims, keepdim=True)
+    if cpu_amax.available(tensor, axis) and (result := cpu_amax.abs_max(tensor, axis)) is not None:
+        return result
     if len(dims) == tensor.dim():
         low, high = torch.aminmax(tensor)
         return torch.maximum(high.abs(), low.abs()).reshape([1] * tensor.dim())
-    # CPU aminmax over a dimension is not vectorized (10x slower than amax), so the
-    # partial reductions are two vectorized passes.
+    # Below cpu_amax's size, or where it cannot build: CPU aminmax over a dimension is not
+    # vectorized (10x slower than amax), so the partial reductions are two vectorized passes.
     return torch.maximum(tensor.amax(dim=dims, keepdim=True).abs(), tensor.amin(dim=dims, keepdim=True).abs())
 
 
