@@ -8,8 +8,8 @@ the fused, vectorized, multithreaded loop: 0.8x to 0.98x of one ``amax`` per row
 256 MiB of fp32 on this project's shared 2-core CPU, from run to run (the two passes:
 about 0.5x); 1.5x to 3x for bf16, whose plain ``amax`` is slower.
 
-The kernel is one function, ``[rows, columns] -> [rows]``, compiled once per dtype with
-dynamic sizes: a reduction over the trailing dimensions of a contiguous tensor is a
+The kernel is one function, ``[rows, columns] -> [rows]``, compiled with dynamic sizes at
+most twice per dtype (for a normal and for an inference-mode input, see ``_run``): a reduction over the trailing dimensions of a contiguous tensor is a
 view of that shape, and a whole-tensor reduction is one too (rows of ``_WHOLE_ROW``
 elements and a short tail). Compilation takes a few seconds on first use in a process
 (less with inductor's on-disk cache), so only inputs of ``MIN_ELEMENTS`` or more come
@@ -22,9 +22,11 @@ Where inductor cannot build (no C++ compiler), the first call warns once and
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
+import torch.fx.experimental._config
 
 __all__ = ["MIN_ELEMENTS", "abs_max", "available"]
 
@@ -46,22 +48,45 @@ def _rows_abs_max(rows: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _kernel():
-    return torch.compile(_rows_abs_max, dynamic=True, fullgraph=True)
+    # Not fullgraph: past dynamo's compile limit a fullgraph function raises, this one runs eagerly.
+    return torch.compile(_rows_abs_max, dynamic=True)
+
+
+def _run(rows: torch.Tensor) -> torch.Tensor:
+    """The kernel over ``[rows, columns]``, both at least 2 (dynamo specializes sizes 0 and 1).
+
+    Dynamo compiles once per combination of guards it meets, 8 at most per function. One
+    fixed mode (inference) and no "duck" shapes (a square input would otherwise compile
+    a graph of its own) leave one input property that varies: a normal or an inference
+    tensor. That is two compiles per dtype, six in all.
+    """
+    shapes = torch.fx.experimental._config
+    duck, shapes.use_duck_shape = shapes.use_duck_shape, False  # as its patch() does, at 1/13 the cost
+    try:
+        with torch.inference_mode():
+            # detached: not a view to dynamo, which would otherwise guard on the base's shape too
+            return _kernel()(rows.detach())
+    finally:
+        shapes.use_duck_shape = duck
 
 
 def available(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> bool:
     """Whether ``abs_max`` takes this reduction.
 
     It takes plain (not subclassed), contiguous CPU tensors of fp32, bf16 or fp16 with at
-    least ``MIN_ELEMENTS`` elements, reduced whole or over trailing dimensions only. The
-    caller keeps traced tensors (torch.compile, torch.func) away: they need no kernel.
+    least ``MIN_ELEMENTS`` elements, reduced whole or over trailing dimensions whose
+    extent is 2 or more. The caller keeps traced tensors (torch.compile, torch.func)
+    away: they need no kernel.
     """
     if _broken or type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or tensor.dtype not in _DTYPES:
         return False
     if tensor.numel() < MIN_ELEMENTS or not tensor.is_contiguous():
         return False
+    if axis is None:
+        return True
     rank = tensor.dim()
-    return axis is None or (len(axis) > 0 and sorted(axis) == list(range(rank - len(axis), rank)))
+    trailing = sorted(axis) == list(range(rank - len(axis), rank))
+    return len(axis) > 0 and trailing and math.prod(tensor.shape[rank - len(axis) :]) >= 2
 
 
 def abs_max(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor | None:
@@ -70,24 +95,28 @@ def abs_max(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor 
     ``None`` when inductor failed to build the kernel (the caller falls back).
     The caller checks ``available`` first.
     """
+    rank = tensor.dim()
+    kept = () if axis is None else tensor.shape[: rank - len(axis)]
     try:
-        if axis is None or len(axis) == tensor.dim():
-            return _whole(tensor).reshape([1] * tensor.dim())
-        kept = tensor.shape[: tensor.dim() - len(axis)]
-        return _kernel()(tensor.view(kept.numel(), -1)).view(*kept, *[1] * len(axis))
+        if math.prod(kept) == 1:  # one row: a whole-tensor reduction
+            result = _whole(tensor.view(-1)).reshape([1] * rank)
+        else:
+            result = _run(tensor.view(math.prod(kept), -1)).view(*kept, *[1] * len(axis))
     except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler
         reason = str(error).strip().splitlines()[0]
         _broken.append(reason)
         warnings.warn(f"sharedquant: the one-read CPU abs-max kernel could not be built ({reason}); using two passes", RuntimeWarning, stacklevel=4)
         return None
+    # made in inference mode, the result could not be updated in place outside it
+    return result.clone()
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.view(-1)
+def _whole(flat: torch.Tensor) -> torch.Tensor:
+    """abs-max of a 1-D tensor: rows of ``_WHOLE_ROW`` through the kernel, the tail in torch."""
     cut = flat.numel() - flat.numel() % _WHOLE_ROW
-    if cut == 0:
+    if cut < 2 * _WHOLE_ROW:  # never at MIN_ELEMENTS or more (tests lower it)
         return flat.abs().amax()
-    partial = _kernel()(flat[:cut].view(-1, _WHOLE_ROW)).amax()
-    if cut == flat.numel():
-        return partial
-    return torch.maximum(partial, flat[cut:].abs().amax())
+    partial = _run(flat[:cut].view(-1, _WHOLE_ROW))
+    with torch.inference_mode():
+        partial = partial.amax()
+        return partial if cut == flat.numel() else torch.maximum(partial, flat[cut:].abs().amax())

@@ -76,6 +76,35 @@ def test_a_tensor_shorter_than_one_row_is_reduced_whole(kernel_calls):
     assert reduce_amax(x).item() == 9.0
 
 
+def test_every_mode_dtype_and_shape_fits_in_dynamos_compile_limit(kernel_calls):
+    # Past its limit of 8 compiles dynamo would run the kernel eagerly (two passes again):
+    # grad modes, inference tensors, square and one-row shapes must not each compile.
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    shapes = [(64, 64), (100, 17), (1, 170), (3, 3), (5, 6, 7)]
+    for dtype in FLOATS:
+        for shape in shapes:
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+            with torch.inference_mode():
+                frozen = x.clone()
+            for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+                for tensor in (x, frozen):
+                    with mode():
+                        for axis in (None, -1):
+                            got = reduce_amax(tensor, axis=axis, squeeze_scalar=False)
+                            want = tensor.abs().amax(dim=axis, keepdim=True) if axis else tensor.abs().amax()
+                            assert torch.equal(got, want), (dtype, shape, mode, axis)
+                            assert not got.is_inference() or torch.is_inference_mode_enabled()
+    assert len(kernel_calls) == len(FLOATS) * len(shapes) * 3 * 2 * 2
+    assert len(_debug_get_cache_entry_list(cpu_amax._rows_abs_max)) <= 6  # a normal and an inference input per dtype
+
+
+def test_a_reduction_over_extent_one_is_left_to_torch():
+    column = torch.empty(cpu_amax.MIN_ELEMENTS, 1)
+    assert not cpu_amax.available(column, (1,))
+    assert cpu_amax.available(column, None) and cpu_amax.available(column, (0, 1))
+
+
 def test_kernel_takes_large_contiguous_trailing_reductions_only():
     big = torch.empty(cpu_amax.MIN_ELEMENTS // 256, 256)
     assert cpu_amax.available(big, None)
