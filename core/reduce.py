@@ -8,9 +8,10 @@ axis reduction) and close three gaps of the peer:
 * floating inputs are read in ONE pass: torch's inf-norm kernel on CUDA, an
   inductor-built kernel for large CPU tensors (``core/cpu_amax.py``), ``aminmax`` for
   smaller whole-tensor CPU reductions, a fused ``abs().amax()`` under
-  ``torch.compile`` and ``torch.func``. Only a smaller CPU reduction over some
-  dimensions takes a max pass and a min pass: torch has no vectorized one-pass kernel
-  for it, and there the second pass reads from cache;
+  ``torch.compile`` and ``torch.func``. A CPU reduction over some dimensions that the
+  kernel does not take (under 8 Mi elements, over leading dimensions, or of a
+  non-contiguous tensor) takes a max pass and a min pass: torch has no vectorized
+  one-pass kernel for it;
 * float8 inputs are reduced over their bytes, in bounded chunks, without ever
   materialising a wider copy (the peer upcasts the whole tensor to fp32 first);
 * signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
@@ -174,8 +175,8 @@ def _float_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Ten
     if len(dims) == tensor.dim():
         low, high = torch.aminmax(tensor)
         return torch.maximum(high.abs(), low.abs()).reshape([1] * tensor.dim())
-    # Below cpu_amax's size, or where it cannot build: CPU aminmax over a dimension is not
-    # vectorized (10x slower than amax), so the partial reductions are two vectorized passes.
+    # What cpu_amax does not take, or where it cannot build: CPU aminmax over a dimension is
+    # not vectorized (10x slower than amax), so the partial reductions are two vectorized passes.
     return torch.maximum(tensor.amax(dim=dims, keepdim=True).abs(), tensor.amin(dim=dims, keepdim=True).abs())
 
 
