@@ -49,7 +49,12 @@ def _rows_abs_max(rows: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _kernel():
     # Not fullgraph: past dynamo's compile limit a fullgraph function raises, this one runs eagerly.
-    return torch.compile(_rows_abs_max, dynamic=True)
+    # dynamic_threads: one compiled kernel serves every size, and inductor caches it on
+    # disk across processes, but it picks a serial or a parallel loop from the sizes of
+    # the first input it compiles for. Compiled for a small one (as the tests do), the
+    # loop stayed serial for 256 MiB: one core of two here. This makes the loop always
+    # parallel, over the threads torch has at call time.
+    return torch.compile(_rows_abs_max, dynamic=True, options={"cpp.dynamic_threads": True})
 
 
 def _run(rows: torch.Tensor) -> torch.Tensor:

@@ -146,3 +146,24 @@ def test_without_a_compiler_it_warns_once_and_keeps_torchs_passes(tmp_path):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))  # no cached kernel to fall back on
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_kernel_splits_its_rows_over_torchs_threads_whatever_size_compiled_it(tmp_path):
+    # One compiled kernel serves every size (and inductor caches it on disk across
+    # processes). Compiled first for a small input, it used to be a serial loop: one
+    # core of two on 256 MiB afterwards, 0.55x of torch.amax.
+    script = (
+        "import torch\n"
+        "from torch._inductor.utils import run_and_get_code\n"
+        "from sharedquant.core import cpu_amax\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(3, 5)\n"
+        "result, sources = run_and_get_code(cpu_amax._run, x)\n"
+        "assert torch.equal(result, x.abs().amax(1))\n"
+        "kernels = [line for source in sources for line in source.splitlines() if 'extern \"C\"' in line]\n"
+        "assert len(kernels) == 1, kernels\n"
+        "assert any('#pragma omp parallel' in source for source in sources), sources\n"
+    )
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))  # compiled here, not loaded from a cache
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
