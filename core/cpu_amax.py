@@ -4,9 +4,9 @@ torch has no vectorized CPU kernel that fuses the ``abs`` into a max: its inf-no
 kernel is scalar (13x slower than ``amax`` over 256 MiB of fp32), ``aminmax`` over a
 dimension is scalar too, and a max pass plus a min pass reads the input twice (0.46x
 to 0.59x of one ``amax``, whichever way it is chunked). Inductor's C++ backend emits
-the fused, vectorized, multithreaded loop: 0.8x to 0.98x of one ``amax`` per row over
-256 MiB of fp32 on this project's shared 2-core CPU, from run to run (the two passes:
-about 0.5x); 1.5x to 3x for bf16, whose plain ``amax`` is slower.
+the fused, vectorized, multithreaded loop: 0.78x to 1.01x of one ``amax`` over 256 MiB
+of fp32 on this project's shared 2-core CPU, from run to run (the two passes: about
+0.5x); 1.2x to 3x for bf16, whose plain ``amax`` is slower.
 
 The kernel is one function, ``[rows, columns] -> [rows]``, compiled with dynamic sizes at
 most twice per dtype (for a normal and for an inference-mode input, see ``_run``): a reduction over the trailing dimensions of a contiguous tensor is a
