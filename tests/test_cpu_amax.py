@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -148,10 +149,11 @@ def test_without_a_compiler_it_warns_once_and_keeps_torchs_passes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs the C++ compiler inductor builds with")
 def test_the_kernel_splits_its_rows_over_torchs_threads_whatever_size_compiled_it(tmp_path):
     # One compiled kernel serves every size (and inductor caches it on disk across
     # processes). Compiled first for a small input, it used to be a serial loop: one
-    # core of two on 256 MiB afterwards, 0.55x of torch.amax.
+    # core of two on 256 MiB afterwards, 0.55x to 0.7x of torch.amax here.
     script = (
         "import torch\n"
         "from torch._inductor.utils import run_and_get_code\n"
