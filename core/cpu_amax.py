@@ -63,7 +63,8 @@ def _run(rows: torch.Tensor) -> torch.Tensor:
     Dynamo compiles once per combination of guards it meets, 8 at most per function. One
     fixed mode (inference) and no "duck" shapes (a square input would otherwise compile
     a graph of its own) leave one input property that varies: a normal or an inference
-    tensor. That is two compiles per dtype, six in all.
+    tensor. That is two compiles per dtype, six in all, and as many again after each change
+    of torch's thread count, on which dynamo guards.
     """
     shapes = torch.fx.experimental._config
     duck, shapes.use_duck_shape = shapes.use_duck_shape, False  # as its patch() does, at 1/13 the cost
