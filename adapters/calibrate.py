@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from sharedquant.core.groups import join_fqn
 from sharedquant.core.lifecycle import buffer_key
-from sharedquant.core.transforms import global_amax_entries, with_singletons
+from sharedquant.core.transforms import global_amax_entries
 
 from .modules import discover_groups, walk_modules
 from .quantizer import TensorQuantizer
@@ -82,7 +82,7 @@ def calibration_mode(quantizers: Iterable[TensorQuantizer]) -> Iterator[None]:
 def _global_amax_entries(groups, slots: list[_Slot], amax: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``_global_amax`` of every static NVFP4 weight quantizer in ``slots``: group max or its own."""
     names = [s.fqn for s in slots if s.attr == "weight_quantizer" and s.quantizer.is_nvfp4_static]
-    return global_amax_entries(with_singletons(groups, names), amax, quantizer="weight_quantizer")
+    return global_amax_entries(groups, amax, names=names, quantizer="weight_quantizer")
 
 
 @torch.no_grad()

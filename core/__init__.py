@@ -17,7 +17,7 @@ from .reduce import (
     reduce_sum,
 )
 from .state import SharedAmax
-from .transforms import find_quantized, global_amax_entries, unify_state_dict, with_singletons
+from .transforms import find_quantized, global_amax_entries, unify_state_dict
 
 __all__ = [
     "SHARED_PATTERNS",
@@ -45,5 +45,4 @@ __all__ = [
     "unify_state_dict",
     "update_quant_cfg_with_kv_cache_quant",
     "validate_shared_states",
-    "with_singletons",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from itertools import compress
+from itertools import chain, compress, repeat
 from operator import attrgetter
 
 import torch
@@ -28,7 +28,7 @@ from .groups import Group, join_fqn
 from .reduce import _concat_flat, _reduce_amax_many, is_traced, reduce_amax_many, round_up_to_fp32
 from .state import UNSET, SharedAmax
 
-__all__ = ["buffer_key", "finalize", "group_amax", "member_entries", "restore", "sync"]
+__all__ = ["buffer_key", "finalize", "global_amax_entries", "group_amax", "member_entries", "restore", "sync"]
 
 AMAX = "_amax"
 GLOBAL_AMAX = "_global_amax"
@@ -55,6 +55,12 @@ def _member_positions(groups: Sequence[Group], count: int, device: torch.device)
     """The position of each member's group, member after member (int64, ``count`` long)."""
     sizes = torch.tensor([len(group.members) for group in groups], dtype=torch.int64, device=device)
     return torch.repeat_interleave(sizes, output_size=count)
+
+
+def _segments(groups: Sequence[Group]) -> list[int]:
+    """``_member_positions`` as a list of ints, what the gather (also when traced) takes."""
+    sizes = [len(group.members) for group in groups]
+    return list(chain.from_iterable(map(repeat, range(len(groups)), sizes)))
 
 
 def _member_keys(members: Sequence[str], quantizer: str, attr: str) -> list[str]:
@@ -87,31 +93,32 @@ def _check_groups(fn: str, groups) -> tuple[tuple[Group, ...], list[str]]:
     return groups, _members(groups)
 
 
-def _gather(fn: str, groups: tuple[Group, ...], members: list[str], buffers, quantizer: str, attr: str):
-    """Present, materialised member buffers: ``(tensors, numels, group ids, keys, device)``."""
+def _gather(fn: str, keys: list[str], segments: list[int], buffers):
+    """Present, materialised buffers of ``keys``: ``(tensors, numels, segment ids, their keys, device)``.
+
+    ``segments[i]`` is the segment (the group) that ``keys[i]`` pools into.
+    """
     if not isinstance(buffers, Mapping):
         raise TypeError(f"{fn}: buffers must map names to tensors, got {type(buffers).__name__}")
     if not torch.compiler.is_compiling():  # dynamo traces the per-member walk, once
-        gathered = _gather_batched(groups, members, buffers, quantizer, attr)
+        gathered = _gather_batched(keys, segments, buffers)
         if gathered is not None:
             return gathered
-    return _gather_each(fn, groups, buffers, quantizer, attr)
+    return _gather_each(fn, keys, segments, buffers)
 
 
-def _gather_batched(groups: tuple[Group, ...], members: list[str], buffers, quantizer: str, attr: str):
+def _gather_batched(keys: list[str], segments: list[int], buffers):
     """``_gather`` with each check made once over the gathered list; ``None`` when one fails.
 
     A failed check (a non-tensor, an empty or meta tensor, mixed devices) hands over
     to ``_gather_each``, which skips, moves or names members one by one.
     """
-    keys = _member_keys(members, quantizer, attr)
     tensors = list(map(buffers.get, keys))
     kinds = set(map(type, tensors))
-    present = None
     if type(None) in kinds:  # members without the buffer are skipped
         kinds.discard(type(None))
         present = [tensor is not None for tensor in tensors]
-        tensors, keys = list(compress(tensors, present)), list(compress(keys, present))
+        tensors, keys, segments = (list(compress(items, present)) for items in (tensors, keys, segments))
     if not all(issubclass(kind, torch.Tensor) for kind in kinds):
         return None
     device = _one_device(tensors)
@@ -120,10 +127,8 @@ def _gather_batched(groups: tuple[Group, ...], members: list[str], buffers, quan
     lengths = list(map(torch.Tensor.numel, tensors))
     if 0 in lengths:
         return None
-    group_ids = _member_positions(groups, len(members), device)
-    if present is not None:
-        group_ids = group_ids[torch.tensor(present, device=device)]
-    return tensors, lengths, group_ids, keys, device
+    # a Python list of ints converts three times faster with its dtype given
+    return tensors, lengths, torch.tensor(segments, dtype=torch.int64, device=device), keys, device
 
 
 def _one_device(tensors: Sequence[torch.Tensor]) -> torch.device | None:
@@ -134,28 +139,26 @@ def _one_device(tensors: Sequence[torch.Tensor]) -> torch.device | None:
     return devices.pop() if len(devices) == 1 else None
 
 
-def _gather_each(fn: str, groups: tuple[Group, ...], buffers, quantizer: str, attr: str):
+def _gather_each(fn: str, keys: list[str], segments: list[int], buffers):
     """``_gather`` member by member: the reference, the traced path, and the one that names offenders."""
-    tensors, lengths, group_ids, names = [], [], [], []
-    for position, group in enumerate(groups):
-        for member in group.members:
-            key = buffer_key(member, quantizer, attr)
-            tensor = buffers.get(key)
-            if tensor is None:
-                continue
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{fn}: {key!r} must be a tensor, got {type(tensor).__name__}")
-            if tensor.is_meta:
-                continue
-            if tensor.numel() == 0:
-                raise ValueError(f"{fn}: {key!r} is empty")
-            tensors.append(tensor)
-            lengths.append(tensor.numel())
-            group_ids.append(position)
-            names.append(key)
+    tensors, lengths, segment_ids, names = [], [], [], []
+    for key, segment in zip(keys, segments):
+        tensor = buffers.get(key)
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{fn}: {key!r} must be a tensor, got {type(tensor).__name__}")
+        if tensor.is_meta:
+            continue
+        if tensor.numel() == 0:
+            raise ValueError(f"{fn}: {key!r} is empty")
+        tensors.append(tensor)
+        lengths.append(tensor.numel())
+        segment_ids.append(segment)
+        names.append(key)
     device = tensors[0].device if tensors else torch.device("cpu")
     tensors = [t if t.device == device else t.to(device) for t in tensors]
-    return tensors, lengths, torch.tensor(group_ids, dtype=torch.int64, device=device), names, device
+    return tensors, lengths, torch.tensor(segment_ids, dtype=torch.int64, device=device), names, device
 
 
 def _raise_non_finite(tensors, describe: Callable[[int], str]) -> None:
@@ -238,9 +241,13 @@ def finalize(
             a member amax is NaN or infinite; the message names the member.
     """
     groups, members = _check_groups("finalize", groups)
-    tensors, lengths, group_ids, names, device = _gather("finalize", groups, members, buffers, quantizer, AMAX)
-    global_amax = _pooled_amax(tensors, lengths, group_ids, len(groups), names.__getitem__, device)
-    return SharedAmax(groups=groups, global_amax=global_amax)
+    return SharedAmax(groups, _segment_amax(_member_keys(members, quantizer, AMAX), _segments(groups), len(groups), buffers))
+
+
+def _segment_amax(keys: list[str], segments: list[int], count: int, buffers) -> torch.Tensor:
+    """fp32 ``[count]``: segment ``s`` holds the max over the buffers of the ``keys`` whose ``segments`` entry is ``s``."""
+    tensors, lengths, segment_ids, names, device = _gather("finalize", keys, segments, buffers)
+    return _pooled_amax(tensors, lengths, segment_ids, count, names.__getitem__, device)
 
 
 @torch.compiler.assume_constant_result  # a function of static metadata: dynamo cannot trace crc32
@@ -309,7 +316,8 @@ def restore(
             members and their values.
     """
     groups, members = _check_groups("restore", groups)
-    tensors, lengths, group_ids, names, device = _gather("restore", groups, members, buffers, quantizer, attr)
+    keys = _member_keys(members, quantizer, attr)
+    tensors, lengths, group_ids, names, device = _gather("restore", keys, _segments(groups), buffers)
     for tensor, length, name in zip(tensors, lengths, names):
         if length != 1:
             raise ValueError(f"restore: {name!r} must hold one value, got shape {tuple(tensor.shape)}")
@@ -360,8 +368,51 @@ def member_entries(state: SharedAmax, *, quantizer: str = "weight_quantizer") ->
     members = _members(state.groups)
     if not members:
         return {}
-    keys = _member_keys(members, quantizer, GLOBAL_AMAX)
-    values = state.global_amax[_member_positions(state.groups, len(members), state.global_amax.device)]
+    return _entries(members, state.global_amax[_member_positions(state.groups, len(members), state.global_amax.device)], quantizer)
+
+
+def global_amax_entries(
+    groups: Sequence[Group],
+    buffers: Mapping[str, torch.Tensor],
+    *,
+    names: Sequence[str] = (),
+    quantizer: str = "weight_quantizer",
+) -> dict[str, torch.Tensor]:
+    """``_global_amax`` entries: each member of ``groups`` gets its group's max, each other module in ``names`` its own.
+
+    ``member_entries(finalize(groups, buffers))`` when ``names`` adds nothing. A module
+    outside every fused group still needs a global amax: the max of its own ``_amax``,
+    fp32 rounded up. It is pooled alone, in the same gather and scatter as the groups.
+    Traceable by ``torch.compile(fullgraph=True)`` once the groups and names are known.
+
+    Args:
+        groups: the groups (from ``find_groups``).
+        buffers: FQN -> tensor; reads ``<module>.<quantizer>._amax``.
+        names: module FQNs that get an entry even outside the groups (``find_quantized``).
+        quantizer: the quantizer attribute the groups apply to.
+
+    Returns:
+        ``{"<module>.<quantizer>._global_amax": 0-dim fp32 tensor}``: groups' members in
+        group order, then the other names in their order; none for a module or group
+        with no amax.
+
+    Raises:
+        ValueError: as ``finalize``.
+    """
+    groups, members = _check_groups("finalize", groups)
+    grouped = set(members)
+    singles = [name for name in dict.fromkeys(names) if name not in grouped]
+    modules, count = members + singles, len(groups) + len(singles)
+    if not modules:
+        return {}
+    segments = _segments(groups) + list(range(len(groups), count))
+    values = _segment_amax(_member_keys(modules, quantizer, AMAX), segments, count, buffers)
+    return _entries(modules, values[torch.tensor(segments, dtype=torch.int64, device=values.device)], quantizer)
+
+
+def _entries(modules: list[str], values: torch.Tensor, quantizer: str) -> dict[str, torch.Tensor]:
+    """``{"<module>.<quantizer>._global_amax": value}``, module by module, each value its own storage; unset ones left out."""
+    keys = _member_keys(modules, quantizer, GLOBAL_AMAX)
     if is_traced(values):
         return {key: values[i] for i, key in enumerate(keys)}
     is_set = values > UNSET

@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .groups import SHARED_PATTERNS, Group, find_groups, parent_fqn
-from .lifecycle import AMAX, finalize, member_entries
+from .groups import SHARED_PATTERNS, find_groups
+from .lifecycle import AMAX, global_amax_entries
 
-__all__ = ["find_quantized", "global_amax_entries", "unify_state_dict", "with_singletons"]
+__all__ = ["find_quantized", "global_amax_entries", "unify_state_dict"]
 
 
 def find_quantized(keys, quantizer: str = "weight_quantizer") -> tuple[str, ...]:
@@ -24,30 +24,6 @@ def find_quantized(keys, quantizer: str = "weight_quantizer") -> tuple[str, ...]
     suffix, cut = f".{root}", -len(root) - 1
     # a list comprehension, not a generator: no frame switch per key
     return tuple([key[:cut] if key != root else "" for key in keys if key.endswith(suffix) or key == root])
-
-
-def with_singletons(groups: Sequence[Group], names: Sequence[str]) -> tuple[Group, ...]:
-    """``groups`` followed by a group of one for every name no group holds.
-
-    A module outside any fused group still needs a global amax: its own. Treating it
-    as a group of one gives it through the same batched path.
-    """
-    grouped = {member for group in groups for member in group.members}
-    singles = [name for name in names if name not in grouped]
-    return (*groups, *[Group((-1, (name,)), parent_fqn(name), (name,)) for name in singles])  # positional: faster
-
-
-def global_amax_entries(
-    groups: Sequence[Group],
-    buffers: Mapping[str, torch.Tensor],
-    *,
-    quantizer: str = "weight_quantizer",
-) -> dict[str, torch.Tensor]:
-    """The tensor half of ``unify_state_dict``: ``_global_amax`` entries for every member of ``groups``.
-
-    Traceable by ``torch.compile(fullgraph=True)`` once the groups are known.
-    """
-    return member_entries(finalize(groups, buffers, quantizer=quantizer), quantizer=quantizer)
 
 
 def unify_state_dict(
@@ -78,7 +54,7 @@ def unify_state_dict(
         raise TypeError(f"unify_state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
     unified = dict(state_dict)  # one copy, which the entries are then added to
     names = find_quantized(unified, quantizer)  # a plain dict iterates faster than an OrderedDict
-    groups = with_singletons(find_groups(names, patterns), names)
-    unified.update(global_amax_entries(groups, unified, quantizer=quantizer))
+    groups = find_groups(names, patterns)
+    unified.update(global_amax_entries(groups, unified, names=names, quantizer=quantizer))
     return unified
 

@@ -16,7 +16,7 @@ from sharedquant.core.lifecycle import finalize, member_entries, restore, sync
 from sharedquant.core.nvfp4 import nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
 from sharedquant.core.reduce import reduce_amax, reduce_amax_many, reduce_block_amax, reduce_sum
 from sharedquant.core.state import SharedAmax
-from sharedquant.core.transforms import global_amax_entries, unify_state_dict, with_singletons
+from sharedquant.core.transforms import global_amax_entries, unify_state_dict
 
 from strategies import amax_buffers, pattern_sets, states, trees, weights
 
@@ -106,7 +106,7 @@ def test_unify_state_dict_leaves_the_state_dict_untouched(data):
     added = {key: value for key, value in unified.items() if key not in state_dict}
     assert not storages(added) & storages(state_dict)
     names = [key.removesuffix(".weight_quantizer._amax") for key in state_dict if key.endswith("._amax")]
-    call_purely(global_amax_entries, with_singletons((), names), state_dict)
+    call_purely(global_amax_entries, (), state_dict, names=names)
 
 
 @given(weights(), st.floats(1e-3, 1e3))

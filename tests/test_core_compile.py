@@ -16,7 +16,7 @@ from sharedquant.core.groups import SHARED_PATTERNS, find_groups
 from sharedquant.core.lifecycle import finalize, restore, sync
 from sharedquant.core.nvfp4 import nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
 from sharedquant.core.reduce import reduce_amax, reduce_block_amax, reduce_sum
-from sharedquant.core.transforms import find_quantized, global_amax_entries, with_singletons
+from sharedquant.core.transforms import find_quantized, global_amax_entries
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -24,7 +24,6 @@ NAMES = [f"model.layers.0.self_attn.{r}" for r in ("q_proj", "k_proj", "v_proj",
     f"model.layers.0.mlp.{r}" for r in ("gate_proj", "up_proj", "down_proj")
 ]
 GROUPS = find_groups(NAMES, SHARED_PATTERNS)
-ALL_GROUPS = with_singletons(GROUPS, NAMES)
 
 
 class CountingBackend:
@@ -124,7 +123,7 @@ def test_finalize_compiles_cleanly():
 
 def test_global_amax_entries_compile_cleanly():
     assert find_quantized(amax_buffers(1.0)) == tuple(NAMES)
-    fn = lambda buffers: global_amax_entries(ALL_GROUPS, buffers)  # noqa: E731
+    fn = lambda buffers: global_amax_entries(GROUPS, buffers, names=NAMES)  # noqa: E731
     assert_compiles_cleanly(fn, (amax_buffers(1.0),), (amax_buffers(0.01),))
 
 

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from sharedquant.core.groups import SHARED_PATTERNS, SHARED_PATTERNS_ACROSS_EXPERTS, Group, find_groups
-from sharedquant.core.transforms import find_quantized, global_amax_entries, unify_state_dict, with_singletons
+from sharedquant.core.transforms import find_quantized, global_amax_entries, unify_state_dict
 
 
 def amax(fqn: str) -> str:
@@ -155,15 +155,19 @@ def test_find_quantized_lists_modules_with_the_quantizer_amax_in_key_order():
     assert find_quantized(keys, "input_quantizer") == ("b",)
 
 
-def test_with_singletons_appends_a_group_of_one_for_every_ungrouped_name():
-    names = ["x.q_proj", "x.k_proj", "x.o_proj", "lm_head"]
+def test_global_amax_entries_give_each_name_outside_the_groups_its_own_amax():
+    # a repeated name gets one entry; a name without an amax gets none
+    names = ["x.q_proj", "x.k_proj", "x.o_proj", "lm_head", "x.o_proj", "y.no_amax"]
+    buffers = {amax(name): torch.tensor([[1.0 + i], [-4.0 * i]]) for i, name in enumerate(names[:4])}
     groups = find_groups(names, SHARED_PATTERNS)
-    full = with_singletons(groups, names)
-    assert full[: len(groups)] == groups
-    assert full[len(groups) :] == (
-        Group(key=(-1, ("x.o_proj",)), parent="x", members=("x.o_proj",)),
-        Group(key=(-1, ("lm_head",)), parent="", members=("lm_head",)),
-    )
+    entries = global_amax_entries(groups, buffers, names=names)
+    # the groups' members in group order, then the other names in their order
+    expected = {"x.q_proj": 4.0, "x.k_proj": 4.0, "x.o_proj": 8.0, "lm_head": 12.0}
+    assert list(entries) == [global_amax(name) for name in expected]
+    assert [value.item() for value in entries.values()] == list(expected.values())
+    grouped_only = global_amax_entries(groups, buffers)
+    assert list(grouped_only) == [global_amax("x.q_proj"), global_amax("x.k_proj")]
+    assert all(torch.equal(grouped_only[key], entries[key]) for key in grouped_only)
 
 
 def test_global_amax_entries_cover_exactly_the_members_given(calibrated):
