@@ -51,14 +51,8 @@ def _members(groups: Sequence[Group]) -> list[str]:
     return [member for group in groups for member in group.members]
 
 
-def _member_positions(groups: Sequence[Group], count: int, device: torch.device) -> torch.Tensor:
-    """The position of each member's group, member after member (int64, ``count`` long)."""
-    sizes = torch.tensor([len(group.members) for group in groups], dtype=torch.int64, device=device)
-    return torch.repeat_interleave(sizes, output_size=count)
-
-
 def _segments(groups: Sequence[Group]) -> list[int]:
-    """``_member_positions`` as a list of ints, what the gather (also when traced) takes."""
+    """The position of each member's group, member after member."""
     sizes = [len(group.members) for group in groups]
     return list(chain.from_iterable(map(repeat, range(len(groups)), sizes)))
 
@@ -241,11 +235,12 @@ def finalize(
             a member amax is NaN or infinite; the message names the member.
     """
     groups, members = _check_groups("finalize", groups)
-    return SharedAmax(groups, _segment_amax(_member_keys(members, quantizer, AMAX), _segments(groups), len(groups), buffers))
+    keys = _member_keys(members, quantizer, AMAX)
+    return SharedAmax(groups, _segment_amax(keys, _segments(groups), len(groups), buffers))
 
 
 def _segment_amax(keys: list[str], segments: list[int], count: int, buffers) -> torch.Tensor:
-    """fp32 ``[count]``: segment ``s`` holds the max over the buffers of the ``keys`` whose ``segments`` entry is ``s``."""
+    """fp32 ``[count]``: entry ``s`` is the max over the buffers of the keys whose segment is ``s``."""
     tensors, lengths, segment_ids, names, device = _gather("finalize", keys, segments, buffers)
     return _pooled_amax(tensors, lengths, segment_ids, count, names.__getitem__, device)
 
@@ -368,7 +363,8 @@ def member_entries(state: SharedAmax, *, quantizer: str = "weight_quantizer") ->
     members = _members(state.groups)
     if not members:
         return {}
-    return _entries(members, state.global_amax[_member_positions(state.groups, len(members), state.global_amax.device)], quantizer)
+    positions = torch.tensor(_segments(state.groups), dtype=torch.int64, device=state.global_amax.device)
+    return _entries(members, state.global_amax[positions], quantizer)
 
 
 def global_amax_entries(
@@ -407,11 +403,12 @@ def global_amax_entries(
         return {}
     segments = _segments(groups) + list(range(len(groups), count))
     values = _segment_amax(_member_keys(modules, quantizer, AMAX), segments, count, buffers)
-    return _entries(modules, values[torch.tensor(segments, dtype=torch.int64, device=values.device)], quantizer)
+    positions = torch.tensor(segments, dtype=torch.int64, device=values.device)
+    return _entries(modules, values[positions], quantizer)
 
 
 def _entries(modules: list[str], values: torch.Tensor, quantizer: str) -> dict[str, torch.Tensor]:
-    """``{"<module>.<quantizer>._global_amax": value}``, module by module, each value its own storage; unset ones left out."""
+    """``{"<module>.<quantizer>._global_amax": value}`` in module order, each its own storage; unset ones left out."""
     keys = _member_keys(modules, quantizer, GLOBAL_AMAX)
     if is_traced(values):
         return {key: values[i] for i, key in enumerate(keys)}
