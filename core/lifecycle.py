@@ -393,7 +393,9 @@ def global_amax_entries(
         with no amax.
 
     Raises:
-        ValueError: as ``finalize``.
+        TypeError: as ``finalize``: a group that is not a ``Group``, a buffer that is not a tensor.
+        ValueError: as ``finalize``: a module claimed by two groups, an empty amax, or
+            (eagerly) a NaN or infinite one, named.
     """
     groups, members = _check_groups("finalize", groups)
     grouped = set(members)

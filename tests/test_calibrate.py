@@ -11,7 +11,6 @@ from torch import nn
 from sharedquant.adapters import (
     SHARED_PATTERNS_ACROSS_EXPERTS,
     QuantLinear,
-    SharedWeightGlobalAmaxState,
     TensorQuantizer,
     calibrate,
     calibration_mode,

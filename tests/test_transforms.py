@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from sharedquant.core.groups import SHARED_PATTERNS, SHARED_PATTERNS_ACROSS_EXPERTS, Group, find_groups
+from sharedquant.core.groups import SHARED_PATTERNS, SHARED_PATTERNS_ACROSS_EXPERTS, find_groups
 from sharedquant.core.transforms import find_quantized, global_amax_entries, unify_state_dict
 
 
