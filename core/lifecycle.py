@@ -401,8 +401,6 @@ def global_amax_entries(
     grouped = set(members)
     singles = [name for name in dict.fromkeys(names) if name not in grouped]
     modules, count = members + singles, len(groups) + len(singles)
-    if not modules:
-        return {}
     segments = _segments(groups) + list(range(len(groups), count))
     values = _segment_amax(_member_keys(modules, quantizer, AMAX), segments, count, buffers)
     positions = torch.tensor(segments, dtype=torch.int64, device=values.device)
