@@ -191,15 +191,19 @@ def group_amax(
     Raises:
         ValueError: an empty tensor, or (eagerly) a NaN or infinite one, named by ``describe``.
     """
-    lengths = [tensor.numel() for tensor in tensors]
+    lengths = list(map(torch.Tensor.numel, tensors))
     if 0 in lengths:
         raise ValueError(f"finalize: {describe(lengths.index(0))!r} is empty")
     device = tensors[0].device if tensors else torch.device(device or "cpu")
-    if _one_device(tensors) != device:
-        tensors = [t if t.device == device else t.to(device) for t in tensors]
     if not isinstance(group_ids, torch.Tensor):
         group_ids = torch.tensor(group_ids, dtype=torch.int64, device=device)
-    return _pooled_amax(tensors, lengths, group_ids, num_groups, describe, device)
+    try:  # the concatenation refuses several devices: no pass over the tensors to check first
+        return _pooled_amax(tensors, lengths, group_ids.to(device), num_groups, describe, device)
+    except RuntimeError:
+        if _one_device(tensors) == device:
+            raise
+    tensors = [t if t.device == device else t.to(device) for t in tensors]
+    return _pooled_amax(tensors, lengths, group_ids.to(device), num_groups, describe, device)
 
 
 def _pooled_amax(tensors, lengths: list[int], group_ids: torch.Tensor, num_groups: int, describe, device):
