@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain, repeat
+from operator import attrgetter, is_, itemgetter
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,7 @@ from .quantizer import TensorQuantizer
 from .state_batch import (
     MemberQuantizers,
     Probe,
+    StateBatch,
     assign,
     finalize_tensor,
     finalize_values,
@@ -39,7 +41,7 @@ from .state_batch import (
     restore_values,
     sync_by_parallel_state,
 )
-from .state_index import indexed_states, track
+from .state_index import holding, indexed_states, membership_changed, track
 from .state_registry import SHARED_STATES, attach_groups
 from .tying import is_tied, keep_fp32_, tie_, tie_all_, untie_
 
@@ -79,6 +81,7 @@ class SharedQuantState(nn.Module, ABC):
         """Set the owning parent and the member modules."""
         self.__dict__["_parent"] = parent
         self.__dict__["_members"] = tuple(members)
+        membership_changed()
 
     @property
     def members(self) -> tuple[nn.Module, ...]:
@@ -132,9 +135,9 @@ class SharedQuantState(nn.Module, ABC):
             self.tie_member_quantizer(quantizer)
 
     @classmethod
-    def tie_states(cls, states: Sequence[SharedQuantState], members: MemberQuantizers | None = None) -> None:
-        """``tie_member_quantizers`` on every state (subclasses batch it, over ``members`` when given)."""
-        for state in states:
+    def tie_states(cls, batch: StateBatch) -> None:
+        """``tie_member_quantizers`` on every state of ``batch`` (subclasses tie them all at once)."""
+        for state in batch.states:
             state.tie_member_quantizers()
 
     def restore_from_members(self) -> bool:
@@ -193,20 +196,21 @@ class SharedQuantState(nn.Module, ABC):
     @torch.no_grad()
     def populate(cls, model: nn.Module) -> int:
         """Finalize and sync every state of this class in ``model``; return how many hold a value."""
-        states = list(iter_shared_quant_states(model, cls))
-        populated = [state for state, ok in zip(states, cls._populate_states(states)) if ok]
-        for state in populated:
-            if state.__dict__["_hook_handles"]:
-                state.remove_hooks()  # calibration is over
+        batch = _batch_of(model, cls)
+        populated = [state for state, ok in zip(batch.states, cls._populate_states(batch)) if ok]
+        if any(map(itemgetter("_hook_handles"), map(_DICT, populated))):
+            for state in populated:
+                if state.__dict__["_hook_handles"]:
+                    state.remove_hooks()  # calibration is over
         return len(populated)
 
     @classmethod
-    def _populate_states(cls, states: list[SharedQuantState]) -> list[bool]:
-        """Finalize and sync ``states``; whether each now holds a value."""
-        for state in states:
+    def _populate_states(cls, batch: StateBatch) -> list[bool]:
+        """Finalize and sync the states of ``batch``; whether each now holds a value."""
+        for state in batch.states:
             if state.finalize():
                 state.sync(first_parallel_state(state))
-        return [SharedQuantState.finalize(state) for state in states]
+        return [SharedQuantState.finalize(state) for state in batch.states]
 
     @classmethod
     def restore(cls, model: nn.Module, patterns: Sequence[str] | None = None) -> None:
@@ -227,7 +231,7 @@ class SharedQuantState(nn.Module, ABC):
             for attr in cls.managed_attrs:
                 if values[attr][position] is not None:
                     state._set_value(attr, values[attr][position])
-        cls.tie_states(states, members)
+        cls.tie_states(StateBatch.of(states, members))
 
     @classmethod
     def metadata(cls, model: nn.Module) -> dict[str, bool]:
@@ -280,19 +284,21 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
 
     def tie_member_quantizers(self) -> None:
         """Tie every member quantizer that can hold a global amax (none while unset)."""
-        type(self).tie_states([self])
+        type(self).tie_states(StateBatch.of([self]))
 
     @classmethod
-    def tie_states(cls, states: Sequence[SharedQuantState], members: MemberQuantizers | None = None) -> None:
-        """Tie the members of all ``states`` in one pass (``members``: their gathered quantizers)."""
-        members = MemberQuantizers.of(states) if members is None else members
-        values = list(chain.from_iterable(map(repeat, [s._buffers.get("_global_amax") for s in states], members.counts)))
+    def tie_states(cls, batch: StateBatch) -> None:
+        """Tie the members of every state of ``batch`` in one pass."""
+        members = batch.members
+        state_values = map(dict.get, batch.state_buffers, repeat("_global_amax"))
+        values = list(chain.from_iterable(map(repeat, state_values, members.counts)))
         quantizers = members.quantizers
         kinds = set(map(type, quantizers))
-        if type(None) in kinds or not all(map(_holds_global_amax_kind, kinds)) or any(v is None for v in values):
+        if type(None) in kinds or not all(map(_holds_global_amax_kind, kinds)) or any(map(is_, values, repeat(None))):
             pairs = [(q, v) for q, v in zip(quantizers, values) if v is not None and q is not None and _holds_global_amax(q)]
-            quantizers, values = [q for q, _ in pairs], [v for _, v in pairs]
-        tie_all_(quantizers, "_global_amax", values)
+            tie_all_([q for q, _ in pairs], "_global_amax", [v for _, v in pairs])
+            return
+        tie_all_(quantizers, "_global_amax", values, (members.quantizer_buffers, members.quantizer_dicts))
 
     def finalize(self) -> bool:
         """Set ``global_amax`` to the max over the members' calibrated ``_amax``; return whether set."""
@@ -322,21 +328,23 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
             self.global_amax = synced
 
     @classmethod
-    def _populate_states(cls, states: list[SharedQuantState]) -> list[bool]:
+    def _populate_states(cls, batch: StateBatch) -> list[bool]:
         # All groups at once: one finalize, one collective per process group, then
         # in-place updates (states already holding a value) or new values, then ties.
-        members = MemberQuantizers.of(states)
-        values = finalize_tensor(states, members)
+        states, members = batch.states, batch.members
+        values = finalize_tensor(batch)
         values = sync_by_parallel_state(states, values, first_parallel_states(states, members))
-        assigned = assign(states, values, "_global_amax")
+        assigned = assign(batch, values, "_global_amax")
         if all(assigned):
-            cls.tie_states(states, members)
-        else:
-            cls.tie_states([state for state, ok in zip(states, assigned) if ok])
+            cls.tie_states(batch)
+            return assigned  # every state holds a new, real value
+        cls.tie_states(StateBatch.of([state for state, ok in zip(states, assigned) if ok]))
         # SharedQuantState.finalize for the one managed attribute, without its generator per state
-        return [(value := s._buffers.get("_global_amax")) is not None and not value.is_meta for s in states]
+        currents = map(dict.get, batch.state_buffers, repeat("_global_amax"))
+        return [value is not None and not value.is_meta for value in currents]
 
 
+_DICT = attrgetter("__dict__")
 _HOLDS_GLOBAL_AMAX: dict[type, bool] = {}
 
 
@@ -351,6 +359,17 @@ def _holds_global_amax_kind(kind: type) -> bool:
 def _holds_global_amax(quantizer: nn.Module) -> bool:
     """Whether a quantizer can hold a global amax: ours, or one with a ``global_amax`` attribute."""
     return _holds_global_amax_kind(type(quantizer)) or hasattr(quantizer, "global_amax")
+
+
+def _batch_of(model: nn.Module, cls: type[SharedQuantState]) -> StateBatch:
+    """The states of ``cls`` in ``model`` as a batch: the one kept on its index while it holds."""
+    index = holding(model)
+    if index is None:
+        return StateBatch.of(list(iter_shared_quant_states(model, cls)))
+    batch = index.batches.get(cls)
+    if batch is None or not batch.holds():
+        batch = index.batches[cls] = StateBatch.of([state for state in index.states if isinstance(state, cls)])
+    return batch
 
 
 def iter_shared_quant_states(model: nn.Module, state_cls: type[SharedQuantState] = SharedQuantState) -> Iterator[SharedQuantState]:

@@ -9,9 +9,10 @@ new values that the states tie. Mutates state and quantizer buffers only.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Sequence
-from itertools import accumulate, chain, repeat
-from operator import attrgetter, is_
+from itertools import accumulate, chain, compress, repeat
+from operator import attrgetter, contains, is_, itemgetter, setitem
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -21,10 +22,17 @@ from sharedquant.core import lifecycle
 from sharedquant.core.groups import Group
 from sharedquant.core.state import UNSET, SharedAmax
 
+from . import state_index
 from .modules import quantizer_attr
 
 if TYPE_CHECKING:
     from .shared_state import SharedQuantState
+
+_DICT = attrgetter("__dict__")
+_BUFFERS = attrgetter("_buffers")
+_IS_META = attrgetter("is_meta")
+_ABSENT = object()  # a member without a parallel_state of its own
+
 
 def first_parallel_state(state: SharedQuantState):
     """The first ``parallel_state`` a member carries, or ``None``."""
@@ -34,12 +42,11 @@ def first_parallel_state(state: SharedQuantState):
 def first_parallel_states(states: Sequence[SharedQuantState], members: MemberQuantizers | None = None) -> list:
     """``first_parallel_state`` of every state, in one pass over the flat members."""
     members = MemberQuantizers.of(states) if members is None else members
-    # A plain attribute on QuantLinear, a class-level one on modelopt's modules; the
-    # nn.Module.__getattr__ fallback (slow, and it raises) is never needed.
-    found = [
-        attrs["parallel_state"] if "parallel_state" in attrs else _class_level_parallel_state(member)
-        for member, attrs in zip(members.members, map(attrgetter("__dict__"), members.members))
-    ]
+    # A plain attribute on QuantLinear, a class-level one (a property) on modelopt's
+    # modules; the nn.Module.__getattr__ fallback (slow, and it raises) is never needed.
+    found = list(map(dict.get, members.member_dicts, repeat("parallel_state"), repeat(_ABSENT)))
+    if any(map(is_, found, repeat(_ABSENT))):
+        found = [_class_level_parallel_state(m) if p is _ABSENT else p for m, p in zip(members.members, found)]
     if found.count(None) == len(found):
         return [None] * len(states)
     firsts, start = [], 0
@@ -70,21 +77,39 @@ class Probe(NamedTuple):
 class MemberQuantizers(NamedTuple):
     """The members of a list of states and their target quantizers, flat, in state order.
 
-    Gathered with C-level iteration (``map`` over dict lookups): populate and restore
-    touch every member of every group, 12k on a 48-layer, 128-expert MoE.
+    With them, the dicts a populate reads and writes for each: the member's
+    ``__dict__`` (its ``parallel_state``) and ``_modules`` (where its quantizer is
+    looked up), the quantizer's ``_buffers`` and ``__dict__`` (its tie marker). Held,
+    they are reached in one step instead of a chain of lookups, each link of which is
+    a cache miss on a 48-layer, 128-expert MoE (12k members). A module keeps these
+    dicts for its lifetime (``nn.Module`` never rebinds them).
     """
 
     members: list[nn.Module]
     quantizers: list[nn.Module | None]  # None: the member has no target quantizer
     counts: list[int]  # members per state
     qattr: str  # the attribute that holds the target quantizer
+    member_dicts: list[dict]
+    slots: list[dict]  # each member's _modules
+    quantizer_buffers: list[dict]  # each quantizer's _buffers, an empty dict where there is no quantizer
+    quantizer_dicts: list[dict]  # each quantizer's __dict__, an empty dict where there is no quantizer
 
     @classmethod
     def of(cls, states: Sequence) -> MemberQuantizers:
         qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
         per_state = [state.members for state in states]
         members = list(chain.from_iterable(per_state))
-        return cls(members, [member._modules.get(qattr) for member in members], list(map(len, per_state)), qattr)
+        member_dicts = list(map(_DICT, members))
+        slots = list(map(itemgetter("_modules"), member_dicts))
+        quantizers = list(map(dict.get, slots, repeat(qattr)))
+        quantizer_dicts = [{} if q is None else q.__dict__ for q in quantizers]
+        quantizer_buffers = list(map(dict.get, quantizer_dicts, repeat("_buffers"), repeat({})))
+        counts = list(map(len, per_state))
+        return cls(members, quantizers, counts, qattr, member_dicts, slots, quantizer_buffers, quantizer_dicts)
+
+    def holds(self) -> bool:
+        """Whether every member still holds the quantizer gathered for it."""
+        return all(map(is_, map(dict.get, self.slots, repeat(self.qattr)), self.quantizers))
 
     def positions(self) -> list[int]:
         """The state position of each flat entry."""
@@ -92,12 +117,37 @@ class MemberQuantizers(NamedTuple):
 
     def buffers(self, attr: str) -> list[torch.Tensor | None]:
         """Each quantizer's ``attr`` buffer (``None`` where absent)."""
-        return [None if q is None else q._buffers.get(attr) for q in self.quantizers]
+        return list(map(dict.get, self.quantizer_buffers, repeat(attr)))
 
     def locate(self, flat: int) -> tuple[int, int]:
         """``(state position, member index)`` of flat entry ``flat``."""
         position = bisect_right(list(accumulate(self.counts)), flat)
         return position, flat - sum(self.counts[:position])
+
+
+class StateBatch(NamedTuple):
+    """States handled together, with the dicts a batched step reads and writes for them.
+
+    ``populate`` keeps the batch of a model's states on its index (``state_index``) and
+    uses it again while it holds: the index holds, no state's members were set since
+    (``state_index.membership``), and every member still holds its quantizer.
+    """
+
+    states: list[SharedQuantState]
+    state_buffers: list[dict]  # each state's _buffers
+    members: MemberQuantizers
+    positions: torch.Tensor  # int64, the state position of each member (CPU)
+    membership: int
+
+    @classmethod
+    def of(cls, states: Sequence[SharedQuantState], members: MemberQuantizers | None = None) -> StateBatch:
+        members = MemberQuantizers.of(states) if members is None else members
+        positions = torch.tensor(members.positions(), dtype=torch.int64)
+        return cls(list(states), list(map(_BUFFERS, states)), members, positions, state_index.membership())
+
+    def holds(self) -> bool:
+        """Whether the batch still names the members and quantizers of its states."""
+        return self.membership == state_index.membership() and self.members.holds()
 
 
 def core_view(
@@ -118,13 +168,14 @@ def core_view(
     return groups, buffers, members.qattr
 
 
-def finalize_tensor(states: Sequence, members: MemberQuantizers | None = None) -> torch.Tensor:
+def finalize_tensor(batch: StateBatch) -> torch.Tensor:
     """Every state's group max through the core's batched kernel, gathered by reference, not by name."""
-    members = MemberQuantizers.of(states) if members is None else members
-    amaxes, positions = members.buffers("_amax"), members.positions()
-    present = [i for i, amax in enumerate(amaxes) if amax is not None and not amax.is_meta]
-    if len(present) != len(amaxes):
-        amaxes, positions = [amaxes[i] for i in present], [positions[i] for i in present]
+    states, members = batch.states, batch.members
+    amaxes, positions = members.buffers("_amax"), batch.positions
+    present = range(len(amaxes))
+    if any(map(is_, amaxes, repeat(None))) or any(map(_IS_META, amaxes)):
+        present = [i for i, amax in enumerate(amaxes) if amax is not None and not amax.is_meta]
+        amaxes, positions = [amaxes[i] for i in present], positions[present]
 
     def describe(i: int) -> str:
         position, index = members.locate(present[i])
@@ -135,7 +186,7 @@ def finalize_tensor(states: Sequence, members: MemberQuantizers | None = None) -
 
 
 def finalize_values(states: Sequence) -> list[torch.Tensor | None]:
-    return unpack(finalize_tensor(states))
+    return unpack(finalize_tensor(StateBatch.of(states)))
 
 
 def restore_values(states: Sequence, attr: str, members: MemberQuantizers | None = None) -> list[torch.Tensor | None]:
@@ -177,21 +228,27 @@ def sync_by_parallel_state(states: Sequence[SharedQuantState], values: torch.Ten
     return values
 
 
-def assign(states: Sequence[SharedQuantState], values: torch.Tensor, attr: str) -> list[bool]:
+def assign(batch: StateBatch, values: torch.Tensor, attr: str) -> list[bool]:
     """Move new values into the states: in place where a state already holds one, else set.
 
     Returns which states got a value; the caller ties their members to it.
     """
     assigned = values > UNSET
-    currents = [state._buffers.get(attr) for state in states]
+    currents = list(map(dict.get, batch.state_buffers, repeat(attr)))
     base = _shared_base(currents, values)
     if base is not None:  # every state holds its own element of one tensor: one copy for all
         base.copy_(torch.where(assigned, values, base))
         return assigned.tolist()
     flags = assigned.tolist()
+    if all(map(is_, currents, repeat(None))) and all(map(contains, batch.state_buffers, repeat(attr))):
+        # A first populate: each state gets its 0-dim view of one tensor (unbind), which
+        # leaves the shared base that the next populate updates with one copy.
+        targets = compress(batch.state_buffers, flags)
+        deque(map(setitem, targets, repeat(attr), compress(values.unbind(), flags)), maxlen=0)
+        return flags
     targets, sources = [], []
     device, dtype = values.device, values.dtype
-    for state, current, value, ok in zip(states, currents, values.unbind(), flags):
+    for state, current, value, ok in zip(batch.states, currents, values.unbind(), flags):
         if not ok:
             continue
         if current is not None and current.dtype is dtype and current.device == device and current.dim() == 0:

@@ -34,6 +34,8 @@ SHARED_STATES = "_shared_quant_states"
 
 # Every SharedQuantState alive in the process (added by SharedQuantState.__new__).
 _LIVE: weakref.WeakSet = weakref.WeakSet()
+# Bumped whenever a state's members are set: a batch gathered before names stale members.
+_membership = 0
 
 
 def track(state: SharedQuantState) -> None:
@@ -41,18 +43,47 @@ def track(state: SharedQuantState) -> None:
     _LIVE.add(state)
 
 
+def membership_changed() -> None:
+    """Record that some state's members were set (``SharedQuantState.set_members`` calls this)."""
+    global _membership
+    _membership += 1
+
+
+def membership() -> int:
+    """How many times states' members were set in this process."""
+    return _membership
+
+
 def any_live() -> bool:
     """Whether any state is alive in the process (none before the first attach)."""
     return bool(_LIVE)
 
 
+class Batches(dict):
+    """State class -> the ``StateBatch`` of its states in one model; empty in any copy.
+
+    A batch holds its modules' own ``__dict__`` objects; a deep copy or an unpickled
+    model has new modules, whose dicts a copied batch would not be.
+    """
+
+    def __copy__(self) -> Batches:
+        return Batches()
+
+    def __deepcopy__(self, memo) -> Batches:
+        return Batches()
+
+    def __reduce__(self):
+        return Batches, ()
+
+
 class StateIndex(NamedTuple):
-    """The links from a root to its states, and the states in model order."""
+    """The links from a root to its states, the states in model order, and their batches."""
 
     dicts: tuple[dict, ...]
     names: tuple[str, ...]
     targets: tuple[object, ...]
     states: tuple[SharedQuantState, ...]
+    batches: Batches  # gathered on first use
 
     def holds(self) -> bool:
         """Whether the index still names exactly the states in its model."""
@@ -61,7 +92,7 @@ class StateIndex(NamedTuple):
         )
 
 
-def build(model: nn.Module, modules: Mapping[str, nn.Module], holders: Sequence[str]) -> None:
+def build(model: nn.Module, modules: Mapping[str, nn.Module], holders: Sequence[str]) -> StateIndex:
     """Index the state lists of ``holders`` on ``model``.
 
     ``modules`` maps FQN -> module for one walk of ``model``; ``holders`` names, in
@@ -88,7 +119,8 @@ def build(model: nn.Module, modules: Mapping[str, nn.Module], holders: Sequence[
         dicts += path_dicts
         names += path_names
         targets += path_targets
-    model.__dict__[INDEX] = StateIndex(tuple(dicts), tuple(names), tuple(targets), tuple(dict.fromkeys(states)))
+    index = model.__dict__[INDEX] = StateIndex(tuple(dicts), tuple(names), tuple(targets), tuple(dict.fromkeys(states)), Batches())
+    return index
 
 
 def _link_path(links: dict, modules: Mapping[str, nn.Module], fqn: str) -> bool:
@@ -106,7 +138,13 @@ def _link_path(links: dict, modules: Mapping[str, nn.Module], fqn: str) -> bool:
     return True
 
 
+def holding(model: nn.Module) -> StateIndex | None:
+    """The index of ``model``, or ``None`` when it has none that holds."""
+    index = model.__dict__.get(INDEX)
+    return index if index is not None and index.holds() else None
+
+
 def indexed_states(model: nn.Module) -> tuple[SharedQuantState, ...] | None:
     """The states of ``model`` from its index, or ``None`` when it has none that holds."""
-    index = model.__dict__.get(INDEX)
-    return index.states if index is not None and index.holds() else None
+    index = holding(model)
+    return None if index is None else index.states

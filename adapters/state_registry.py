@@ -18,6 +18,7 @@ from sharedquant.core.groups import Group
 
 from . import blank_modules, state_index
 from .modules import CONTAINERS, quantizer_attr
+from .state_batch import StateBatch
 from .state_index import SHARED_STATES
 from .tying import untie_
 
@@ -80,7 +81,9 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
         state.install_hooks()
         result.append((state, True))
     # the holders before, and the new parents, in model order (no second read of every module)
-    state_index.build(modules[""], modules, [fqn for fqn in modules if fqn in holding])
+    index = state_index.build(modules[""], modules, [fqn for fqn in modules if fqn in holding])
+    # populate's batch, gathered while attach has the members at hand
+    index.batches[cls] = StateBatch.of([state for state in index.states if isinstance(state, cls)])
     return result
 
 

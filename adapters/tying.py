@@ -13,7 +13,10 @@ mutation in ``torch.func.functional_call`` goes through one swap primitive.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
+from operator import contains, setitem
 
 import torch
 from torch import nn
@@ -53,12 +56,24 @@ def tie_(quantizer: nn.Module, attr: str, tensor: torch.Tensor) -> None:
         quantizer.__dict__[_HOOKED] = True
 
 
-def tie_all_(quantizers: Iterable[nn.Module], attr: str, tensors: Iterable[torch.Tensor]) -> None:
+def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch.Tensor], dicts=None) -> None:
     """``tie_`` each quantizer to its tensor; those already tied to it are left as they are.
 
     populate and restore tie every member of every group (12k on a 48-layer MoE), most
-    of them already tied on a second populate.
+    of them already tied on a second populate. ``dicts``, when given, holds the
+    quantizers' ``_buffers`` and ``__dict__`` (a ``StateBatch`` gathers them once): when
+    every quantizer's class clones its own tied entries and already has ``attr`` as a
+    buffer, the ties are made in C-level passes over those dicts, each link to them a
+    cache miss saved.
     """
+    if dicts is not None:
+        buffers, instance_dicts = dicts
+        kinds = set(map(type, quantizers))
+        if all(getattr(kind, "clones_tied_entries", False) for kind in kinds) and all(map(contains, buffers, repeat(attr))):
+            deque(map(setitem, buffers, repeat(attr), tensors), maxlen=0)
+            markers = map(dict.setdefault, instance_dicts, repeat(TIED_ATTRS), map(set, repeat((), len(instance_dicts))))
+            deque(map(set.add, markers, repeat(attr)), maxlen=0)
+            return
     for quantizer, tensor in zip(quantizers, tensors):
         if not is_tied(quantizer, attr, tensor):
             tie_(quantizer, attr, tensor)
