@@ -5,7 +5,9 @@ leaves on the root while it holds, and walk the model otherwise. Random sequence
 tree edits (attach at the root or a layer, delete, insert a layer holding states with
 a raw ``_modules`` write, replace, drop a state list, deep copies kept alive, garbage
 collection) must never make them differ from ``nn.Module.modules()``, in order, and
-populate must count exactly the states in the model.
+populate must count exactly the states in the model. Member edits, which leave the
+index holding (a quantizer replaced, a state's members set, a layer recalibrated),
+must never leave populate tying what the batch it keeps on the index gathered before.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sharedquant.adapters import (
     QuantLinear,
     SharedQuantState,
     SharedWeightGlobalAmaxState,
+    TensorQuantizer,
     iter_shared_quant_states,
     replace_quant_module,
 )
@@ -95,3 +98,36 @@ def test_iteration_and_populate_see_exactly_the_states_in_the_model(sequence):
         assert State.populate(model) == len(every_state(model)), edit
         for state in every_state(model):
             assert all(m.weight_quantizer._buffers["_global_amax"] is state.global_amax for m in state.members)
+
+
+member_edits = st.tuples(st.sampled_from(["replace quantizer", "set members", "recalibrate"]), layer, st.sampled_from(["q_proj", "k_proj", "v_proj"]))
+
+
+def apply_member_edit(edit, model: nn.Module) -> None:
+    kind, index, role = edit
+    layers = model.model.layers
+    attn = layers[index % len(layers)].self_attn
+    member = getattr(attn, role)
+    if kind == "replace quantizer":
+        fresh = TensorQuantizer()
+        fresh.amax = member.weight_quantizer.observed_amax(member.weight.detach()) * 4
+        member.weight_quantizer = fresh
+    elif kind == "set members":
+        for state in attn._shared_quant_states:
+            state.set_members(attn, [m for m in (attn.q_proj, attn.k_proj, attn.v_proj) if m is not member])
+    else:
+        member.weight_quantizer.amax = member.weight_quantizer.amax * 3  # a new tensor, as calibration leaves
+
+
+@given(st.lists(member_edits, min_size=1, max_size=6))
+def test_populate_ties_the_quantizers_each_state_names_now(sequence):
+    model = calibrated(seed=0)
+    State.attach(model)
+    State.populate(model)
+    for edit in sequence:
+        apply_member_edit(edit, model)
+        State.populate(model)
+        for state in every_state(model):
+            amaxes = [m.weight_quantizer._buffers["_amax"].max() for m in state.members]
+            assert state.global_amax == max(amaxes), edit
+            assert all(m.weight_quantizer._buffers["_global_amax"] is state.global_amax for m in state.members), edit
