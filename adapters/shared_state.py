@@ -226,7 +226,7 @@ class SharedQuantState(nn.Module, ABC):
         probes = [Probe(group, tuple(modules[m] for m in group.members), cls.target_quantizer_kind) for group in groups]
         members = MemberQuantizers.of(probes)  # the states attached below have these same members
         values = {attr: restore_values(probes, attr, members) for attr in cls.managed_attrs}
-        states = [state for state, _ in attach_groups(cls, groups, modules)]
+        states = [state for state, _ in attach_groups(cls, groups, modules, members)]
         for position, state in enumerate(states):
             for attr in cls.managed_attrs:
                 if values[attr][position] is not None:

@@ -18,7 +18,7 @@ from sharedquant.core.groups import Group
 
 from . import blank_modules, state_index
 from .modules import CONTAINERS, quantizer_attr
-from .state_batch import StateBatch
+from .state_batch import MemberQuantizers, StateBatch
 from .state_index import SHARED_STATES
 from .tying import untie_
 
@@ -26,11 +26,17 @@ if TYPE_CHECKING:
     from .shared_state import SharedQuantState
 
 
-def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules: Mapping[str, nn.Module]):
+def attach_groups(
+    cls: type[SharedQuantState],
+    groups: Sequence[Group],
+    modules: Mapping[str, nn.Module],
+    gathered: MemberQuantizers | None = None,
+):
     """The state of each group, created where missing; ``[(state, created), ...]`` in group order.
 
     Every group is checked before any state is registered, so a refused attach
-    leaves the model as it was.
+    leaves the model as it was. ``gathered``, when the caller has them (restore does),
+    are the groups' members and their quantizers, in group order.
     """
     holders = _holders(modules)
     owner: dict[int, SharedQuantState] = {}
@@ -82,8 +88,10 @@ def attach_groups(cls: type[SharedQuantState], groups: Sequence[Group], modules:
         result.append((state, True))
     # the holders before, and the new parents, in model order (no second read of every module)
     index = state_index.build(modules[""], modules, [fqn for fqn in modules if fqn in holding])
-    # populate's batch, gathered while attach has the members at hand
-    index.batches[cls] = StateBatch.of([state for state in index.states if isinstance(state, cls)])
+    # populate's batch, gathered now that attach has the members at hand
+    states = [state for state in index.states if isinstance(state, cls)]
+    same = gathered is not None and states == [state for state, _ in result]
+    index.batches[cls] = StateBatch.of(states, gathered if same else None)
     return result
 
 

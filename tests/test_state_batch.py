@@ -147,3 +147,24 @@ def test_a_copy_outliving_its_original_ties_its_own_quantizers(copy_kind):
             module.weight_quantizer._buffers["_global_amax"] = None
     State.populate(twin)
     assert_every_member_tied(twin)
+
+
+def test_restore_leaves_the_batch_of_the_states_it_attached():
+    source = calibrated()
+    State.attach(source)
+    State.populate(source)
+    saved = source.state_dict()
+    del source
+    gc.collect()  # the index holds only while every live state is in it
+    fresh = replace_quant_module(tiny_mixtral(seed=1, num_layers=2, num_experts=3))
+    fresh.load_state_dict(saved)
+    State.restore(fresh)
+    batch = state_index.holding(fresh).batches[State]
+    assert batch.states == states_of(fresh)
+    assert batch.members.quantizers == [m.weight_quantizer for s in states_of(fresh) for m in s.members]
+    with torch.no_grad():
+        fresh.model.layers[0].self_attn.v_proj.weight_quantizer._amax.fill_(50.0)
+    State.populate(fresh)
+    assert state_index.holding(fresh).batches[State] is batch
+    assert_every_member_tied(fresh)
+    assert fresh.model.layers[0].self_attn._shared_quant_states[0].global_amax == 50.0
