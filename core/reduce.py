@@ -5,13 +5,12 @@ and ``reduce_sum`` keep the seed's semantics (``axis=None`` gives a 0-dim result
 whatever ``keepdims`` says; ``squeeze_scalar`` squeezes a one-element result of an
 axis reduction) and close three gaps of the peer:
 
-* floating inputs are read in ONE pass: torch's inf-norm kernel on CUDA, an
-  inductor-built kernel for large CPU tensors (``core/cpu_amax.py``), ``aminmax`` for
-  smaller whole-tensor CPU reductions, a fused ``abs().amax()`` under
-  ``torch.compile`` and ``torch.func``. A CPU reduction over some dimensions that the
-  kernel does not take (under 8 Mi elements, over leading dimensions, or of a
-  non-contiguous tensor) takes a max pass and a min pass: torch has no vectorized
-  one-pass kernel for it;
+* floating inputs are read in ONE pass: torch's inf-norm kernel on CUDA, a compiled
+  C loop over the magnitudes' bits on the CPU (``core/cpu_amax.py``), a fused
+  ``abs().amax()`` under ``torch.compile`` and ``torch.func``. What the loop does not
+  take on the CPU (under 4 Ki elements, over leading dimensions, non-contiguous, or
+  where no C compiler is found) is ``aminmax`` when reduced whole, else a max pass and
+  a min pass: torch has no vectorized one-pass kernel for it;
 * float8 inputs are reduced over their bytes, in bounded chunks, without ever
   materialising a wider copy (the peer upcasts the whole tensor to fp32 first);
 * signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
