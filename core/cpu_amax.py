@@ -1,4 +1,4 @@
-"""A one-read abs-max for CPU float tensors: a small C loop over the magnitudes' bits. Pure.
+"""A one-read abs-max for CPU float tensors, float8 included: a small C loop over the magnitudes' bits. Pure.
 
 torch has no vectorized CPU kernel that fuses the ``abs`` into a max: its inf-norm
 kernel is scalar (13x slower than ``amax`` over 256 MiB of fp32), ``aminmax`` over a
@@ -8,9 +8,11 @@ dimension is scalar too, and a max pass plus a min pass reads the input twice (a
 It never compares floats. Clearing the sign bit leaves a float's magnitude, and the
 magnitudes of one format order like their bits read as unsigned integers, every NaN
 above inf: so an unsigned max over ``bits & 0x7fff...`` is the abs-max, NaN
-propagating and ``|-0.0|`` coming out ``+0.0``, for fp32 (32-bit lanes) and for bf16
-and fp16 alike (16-bit lanes). Sixty-four independent maxima per loop keep several
-vector registers in flight instead of one chain of dependent steps.
+propagating and ``|-0.0|`` coming out ``+0.0``, for fp32 (32-bit lanes), bf16 and fp16
+alike (16-bit lanes) and the float8 formats (8-bit lanes; the fnuz ones keep their one
+NaN, ``0x80``, as it is). Sixty-four independent maxima per loop keep several vector
+registers in flight instead of one chain of dependent steps. Nothing wider than the
+input is ever made: a float8 tensor is read as the bytes it is.
 
 Work is spread over torch's threads (OpenMP: the library links the ``libgomp`` torch
 has loaded, so ``torch.set_num_threads`` sets its threads too): rows over the threads,
@@ -55,13 +57,13 @@ static {lane} {name}_span(const {lane} *x, int64_t n) {{
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int j = 0; j < LANES; j++) {{
-            {lane} v = x[i + j] & {mask};
+            {lane} v = MAGNITUDE_{name}(x[i + j]);
             acc[j] = v > acc[j] ? v : acc[j];
         }}
     {lane} m = 0;
     for (int j = 0; j < LANES; j++) m = acc[j] > m ? acc[j] : m;
     for (; i < n; i++) {{
-        {lane} v = x[i] & {mask};
+        {lane} v = MAGNITUDE_{name}(x[i]);
         m = v > m ? v : m;
     }}
     return m;
@@ -91,7 +93,7 @@ static void {name}_fold(const {lane} *x, int64_t rows, int64_t cols, int64_t str
     for (int64_t r = 0; r < rows; r++) {{
         const {lane} *row = x + r * stride;
         for (int64_t j = 0; j < cols; j++) {{
-            {lane} v = row[j] & {mask};
+            {lane} v = MAGNITUDE_{name}(row[j]);
             acc[j] = v > acc[j] ? v : acc[j];
         }}
     }}
@@ -122,19 +124,31 @@ void {name}_leading(const {lane} *x, int64_t rows, int64_t cols, {lane} *out, {l
 }}
 """
 
+# Each lane's magnitude: the bits with the sign cleared. The fnuz float8 formats have
+# no negative zero; their one NaN, 0x80, is kept as it is, above every magnitude.
+_MAGNITUDES = {
+    "abs_max_32": ("uint32_t", "(b) & 0x7fffffffu"),
+    "abs_max_16": ("uint16_t", "(uint16_t)((b) & 0x7fffu)"),
+    "abs_max_8": ("uint8_t", "(uint8_t)((b) & 0x7fu)"),
+    "abs_max_8nuz": ("uint8_t", "(uint8_t)((b) == 0x80u ? 0x80u : (b) & 0x7fu)"),
+}
 _SOURCE = (
     "#include <stdint.h>\n#include <omp.h>\n"
     '#ifdef __cplusplus\nextern "C" {\n#endif\n'  # a C++ compiler in $CC must not mangle the names
     f"enum {{ LANES = 64, CHUNK = {_CHUNK}, BLOCK = {_BLOCK} }};\n"
     "int threads(void) { return omp_get_max_threads(); }\n"
-    + _LANE.format(lane="uint32_t", name="abs_max_32", mask="0x7fffffffu")
-    + _LANE.format(lane="uint16_t", name="abs_max_16", mask="(uint16_t)0x7fffu")
+    + "".join(
+        f"#define MAGNITUDE_{name}(b) ({magnitude})\n" + _LANE.format(lane=lane, name=name)
+        for name, (lane, magnitude) in _MAGNITUDES.items()
+    )
     + "#ifdef __cplusplus\n}\n#endif\n"
 )
 
 # Each float dtype read as the unsigned lanes of its width (torch's signed integer
 # dtypes of that width hold the result's bits; the sign bit is always clear there).
 _LANES = {torch.float32: (torch.int32, "abs_max_32"), torch.bfloat16: (torch.int16, "abs_max_16"), torch.float16: (torch.int16, "abs_max_16")}
+_LANES.update((getattr(torch, f), (torch.uint8, "abs_max_8")) for f in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, f))
+_LANES.update((getattr(torch, f), (torch.uint8, "abs_max_8nuz")) for f in ("float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, f))
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
 
 _broken: list[str] = []  # why the library could not be built, once it failed
@@ -150,7 +164,7 @@ def _library() -> ctypes.CDLL | None:
             source.write_text(_SOURCE)
             subprocess.run([*command, str(source), "-o", str(built)], check=True, capture_output=True, timeout=120)
             library = ctypes.CDLL(str(built))  # loaded: the file itself can go
-        for _, name in _LANES.values():
+        for name in _MAGNITUDES:
             getattr(library, name).argtypes = [_POINTER, _SIZE, _SIZE, _POINTER]
             getattr(library, f"{name}_leading").argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER]
             getattr(library, name).restype = getattr(library, f"{name}_leading").restype = None
@@ -167,7 +181,7 @@ def _library() -> ctypes.CDLL | None:
 def available(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> bool:
     """Whether ``abs_max`` takes this reduction.
 
-    It takes plain (not subclassed), contiguous CPU tensors of fp32, bf16 or fp16 with at
+    It takes plain (not subclassed), contiguous CPU tensors of fp32, bf16, fp16 or float8 with at
     least ``MIN_ELEMENTS`` elements, reduced whole, over trailing dimensions or over
     leading ones, whose extent is 2 or more. The caller keeps traced tensors
     (torch.compile, torch.func) away: they need no kernel.

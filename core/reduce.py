@@ -11,8 +11,9 @@ axis reduction) and close three gaps of the peer:
   take on the CPU (under 4 Ki elements, over leading dimensions, non-contiguous, or
   where no C compiler is found) is ``aminmax`` when reduced whole, else a max pass and
   a min pass: torch has no vectorized one-pass kernel for it;
-* float8 inputs are reduced over their bytes, in bounded chunks, without ever
-  materialising a wider copy (the peer upcasts the whole tensor to fp32 first);
+* float8 inputs are reduced over their bytes (the same C loop on the CPU, a Triton
+  kernel on CUDA, else torch ops in bounded chunks), without ever materialising a
+  wider copy (the peer upcasts the whole tensor to fp32 first);
 * signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
   overflows to -128 in the input's own dtype).
 
@@ -133,6 +134,8 @@ def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Te
         reduced = _magnitude(magnitude, dtype).amax(dim=axis, keepdim=True)
     elif (kernels := _triton_kernels(tensor, axis)) is not None:
         reduced = kernels.magnitude_max(tensor)
+    elif cpu_amax.available(tensor, axis) and (bits := cpu_amax.abs_max(tensor, axis)) is not None:
+        reduced = bits
     elif axis is None or len(axis) == tensor.dim():
         flat = magnitude.reshape(-1)
         scratch = torch.empty(min(flat.numel(), _FLOAT8_CHUNK), dtype=torch.uint8, device=flat.device)

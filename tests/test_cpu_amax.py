@@ -75,6 +75,29 @@ def test_every_16_bit_pattern_orders_as_its_magnitude(dtype):
     assert cpu_amax.abs_max(values, None).isnan()
 
 
+FLOAT8 = [getattr(torch, f) for f in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, f)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT8)
+def test_every_float8_pattern_orders_as_its_magnitude(dtype):
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    pairs = torch.stack([values, values[torch.randperm(256, generator=torch.Generator().manual_seed(6))]], dim=1)
+    wide = pairs.float()  # the reference in fp32, where torch has the arithmetic
+    actual = cpu_amax.abs_max(pairs, (1,))
+    assert actual.dtype == dtype
+    assert_same(actual.float(), two_passes(wide, (1,)))
+    columns = pairs.t().contiguous().view(2, 16, 16)
+    assert_same(cpu_amax.abs_max(columns, (0,)).float(), two_passes(columns.float(), (0,)))
+
+
+def test_float8_reduce_amax_reads_its_bytes_through_the_kernel(kernel_calls):
+    x = (torch.randn(64, 100, generator=torch.Generator().manual_seed(7)) * 40).to(torch.float8_e4m3fn)
+    x[17, 3] = -448.0
+    assert reduce_amax(x).item() == 448.0
+    assert reduce_amax(x, axis=-1).shape == (64, 1) and reduce_amax(x, axis=0).shape == (1, 100)
+    assert kernel_calls == [None, (1,), (0,)]
+
+
 def test_float32_patterns_order_as_their_magnitudes():
     generator = torch.Generator().manual_seed(4)
     bits = torch.randint(-(1 << 31), 1 << 31, (1 << 16, 3), generator=generator, dtype=torch.int64).to(torch.int32)
