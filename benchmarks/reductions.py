@@ -42,8 +42,10 @@ def _cases(elements: int, device: str):
     rows = int(elements**0.5)
     for dtype in (torch.float32, torch.bfloat16):
         flat = torch.randn(elements, device=device).to(dtype)
-        yield f"{str(dtype).removeprefix('torch.')} axis=None", flat, None
-        yield f"{str(dtype).removeprefix('torch.')} per-row", flat.view(rows, -1), -1
+        name = str(dtype).removeprefix("torch.")
+        yield f"{name} axis=None", flat, None
+        yield f"{name} per-row", flat.view(rows, -1), -1
+        yield f"{name} per-column", flat.view(rows, -1), 0  # a per-channel activation amax
 
 
 def run(

@@ -21,7 +21,8 @@ def test_quick_benchmark_writes_every_row(tmp_path, capsys):
     for step in ("discovery", "attach", "populate", "populate again", "ungrouped global amax", "state_dict", "restore",
                  "core finalize", "core unify_state_dict"):
         assert re.search(rf"^\| {re.escape(step)} \| \d", text, re.M), f"missing lifecycle row {step!r}"
-    for case in ("float32 axis=None", "float32 per-row", "bfloat16 axis=None", "bfloat16 per-row", "float8_e4m3fn axis=None"):
+    for case in ("float32 axis=None", "float32 per-row", "float32 per-column", "bfloat16 axis=None", "bfloat16 per-row",
+                 "bfloat16 per-column", "float8_e4m3fn axis=None"):
         assert f"| {case} |" in text, f"missing reduce_amax row {case!r}"
     assert (tmp_path / "RESULTS.png").stat().st_size > 0
     assert "torch " in text and "machine:" in text
@@ -42,7 +43,7 @@ def test_float8_child_reports_time_and_memory_of_one_side():
 
     measured = reductions._float8_child("ours", 1 << 20, 1, "cpu")
     assert measured["seconds"] > 0
-    assert 0 <= measured["extra_mib"] < 64  # chunked byte read: no wide copy of the input
+    assert 0 <= measured["extra_mib"] < 64  # read as bytes: no wide copy of the input
 
 
 def test_make_bench_recipe_starts_the_benchmark(tmp_path):
