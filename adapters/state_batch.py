@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .shared_state import SharedQuantState
 
 _DICT = attrgetter("__dict__")
+_MEMBERS = attrgetter("members")
 _BUFFERS = attrgetter("_buffers")
 _IS_META = attrgetter("is_meta")
 _ABSENT = object()  # a member without a parallel_state of its own
@@ -90,26 +91,29 @@ class MemberQuantizers(NamedTuple):
     counts: list[int]  # members per state
     qattr: str  # the attribute that holds the target quantizer
     member_dicts: list[dict]
-    slots: list[dict]  # each member's _modules
+    member_modules: list[dict]  # each member's _modules
     quantizer_buffers: list[dict]  # each quantizer's _buffers, an empty dict where there is no quantizer
     quantizer_dicts: list[dict]  # each quantizer's __dict__, an empty dict where there is no quantizer
 
     @classmethod
     def of(cls, states: Sequence) -> MemberQuantizers:
         qattr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
-        per_state = [state.members for state in states]
+        per_state = list(map(_MEMBERS, states))
         members = list(chain.from_iterable(per_state))
         member_dicts = list(map(_DICT, members))
-        slots = list(map(itemgetter("_modules"), member_dicts))
-        quantizers = list(map(dict.get, slots, repeat(qattr)))
-        quantizer_dicts = [{} if q is None else q.__dict__ for q in quantizers]
+        member_modules = list(map(itemgetter("_modules"), member_dicts))
+        quantizers = list(map(dict.get, member_modules, repeat(qattr)))
+        if any(map(is_, quantizers, repeat(None))):
+            quantizer_dicts = [{} if q is None else q.__dict__ for q in quantizers]
+        else:
+            quantizer_dicts = list(map(_DICT, quantizers))
         quantizer_buffers = list(map(dict.get, quantizer_dicts, repeat("_buffers"), repeat({})))
         counts = list(map(len, per_state))
-        return cls(members, quantizers, counts, qattr, member_dicts, slots, quantizer_buffers, quantizer_dicts)
+        return cls(members, quantizers, counts, qattr, member_dicts, member_modules, quantizer_buffers, quantizer_dicts)
 
     def holds(self) -> bool:
         """Whether every member still holds the quantizer gathered for it."""
-        return all(map(is_, map(dict.get, self.slots, repeat(self.qattr)), self.quantizers))
+        return all(map(is_, map(dict.get, self.member_modules, repeat(self.qattr)), self.quantizers))
 
     def positions(self) -> list[int]:
         """The state position of each flat entry."""

@@ -36,7 +36,9 @@ def attach_groups(
 
     Every group is checked before any state is registered, so a refused attach
     leaves the model as it was. ``gathered``, when the caller has them (restore does),
-    are the groups' members and their quantizers, in group order.
+    are the groups' members and their quantizers, in group order: they are kept on the
+    index as populate's batch (attach leaves it to the first populate, which gathers it
+    in less time than attach would, its members' dicts fresher in cache).
     """
     holders = _holders(modules)
     owner: dict[int, SharedQuantState] = {}
@@ -88,10 +90,10 @@ def attach_groups(
         result.append((state, True))
     # the holders before, and the new parents, in model order (no second read of every module)
     index = state_index.build(modules[""], modules, [fqn for fqn in modules if fqn in holding])
-    # populate's batch, gathered now that attach has the members at hand
-    states = [state for state in index.states if isinstance(state, cls)]
-    same = gathered is not None and states == [state for state, _ in result]
-    index.batches[cls] = StateBatch.of(states, gathered if same else None)
+    if gathered is not None:  # the members are at hand: populate's batch costs nothing more
+        states = [state for state in index.states if isinstance(state, cls)]
+        if states == [state for state, _ in result]:
+            index.batches[cls] = StateBatch.of(states, gathered)
     return result
 
 

@@ -1,7 +1,7 @@
 """Examples for the batch populate keeps on the state index: reused only while it still names the model.
 
-``attach`` gathers every member's quantizer and the dicts populate reads and writes,
-and ``populate`` uses them again. Whatever changes between calls (a quantizer
+``populate`` (or ``restore``) gathers every member's quantizer and the dicts populate
+reads and writes, and the next ``populate`` uses them again. Whatever changes between calls (a quantizer
 replaced, a state's members set, a ``parallel_state`` assigned, a quantizer class
 swapped, the model copied) must give the same ties a fresh gather would.
 """
@@ -50,19 +50,23 @@ def _no_stray_states():
     gc.collect()  # states of earlier tests count as alive until collected
 
 
-def test_attach_leaves_the_batch_populate_uses():
+def test_populate_keeps_its_batch_and_uses_it_again():
     model = calibrated()
     State.attach(model)
+    State.populate(model)
     batch = state_index.holding(model).batches[State]
     assert batch.states == states_of(model)
     assert batch.members.quantizers == [m.weight_quantizer for s in states_of(model) for m in s.members]
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight_quantizer._amax.fill_(30.0)
     State.populate(model)
     assert state_index.holding(model).batches[State] is batch  # used as it was, not gathered again
     assert_every_member_tied(model)
+    assert model.model.layers[0].self_attn._shared_quant_states[0].global_amax == 30.0
 
 
 @pytest.mark.parametrize("populated_first", [False, True])
-def test_a_quantizer_replaced_after_attach_is_the_one_tied(populated_first):
+def test_a_quantizer_replaced_after_attach_or_a_populate_is_the_one_tied(populated_first):
     model = calibrated()
     State.attach(model)
     if populated_first:
@@ -75,15 +79,15 @@ def test_a_quantizer_replaced_after_attach_is_the_one_tied(populated_first):
     assert model.model.layers[1].self_attn._shared_quant_states[0].global_amax == 100.0
 
 
-def test_members_set_after_attach_are_the_ones_tied():
+def test_members_set_between_populates_are_the_ones_tied():
     model = calibrated()
     State.attach(model)
+    State.populate(model)
     state = model.model.layers[0].self_attn._shared_quant_states[0]
     attn = model.model.layers[0].self_attn
     state.set_members(attn, [attn.q_proj, attn.o_proj])
     State.populate(model)
     assert is_tied(attn.o_proj.weight_quantizer, "_global_amax", state.global_amax)
-    assert not is_tied(attn.v_proj.weight_quantizer, "_global_amax")
     assert_every_member_tied(model)
 
 
@@ -115,8 +119,11 @@ def test_a_quantizer_class_swapped_to_one_we_do_not_own_still_saves_cleanly(tmp_
 
     model = calibrated()
     State.attach(model)
+    State.populate(model)
     for module in model.modules():
         if isinstance(module, QuantLinear):
+            module.weight_quantizer.__dict__.pop(TIED_ATTRS, None)  # as a fresh load leaves them
+            module.weight_quantizer._buffers["_global_amax"] = None
             module.weight_quantizer.__class__ = Foreign
     State.populate(model)
     assert_every_member_tied(model)
