@@ -293,12 +293,12 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
         state_values = map(dict.get, batch.state_buffers, repeat("_global_amax"))
         values = list(chain.from_iterable(map(repeat, state_values, members.counts)))
         quantizers = members.quantizers
-        kinds = set(map(type, quantizers))
+        kinds = set(map(type, quantizers))  # read each time: a class can be swapped in place (the peer's promotion does)
         if type(None) in kinds or not all(map(_holds_global_amax_kind, kinds)) or any(map(is_, values, repeat(None))):
             pairs = [(q, v) for q, v in zip(quantizers, values) if v is not None and q is not None and _holds_global_amax(q)]
             tie_all_([q for q, _ in pairs], "_global_amax", [v for _, v in pairs])
             return
-        tie_all_(quantizers, "_global_amax", values, (members.quantizer_buffers, members.quantizer_dicts))
+        tie_all_(quantizers, "_global_amax", values, (members.quantizer_buffers, members.quantizer_dicts), kinds)
 
     def finalize(self) -> bool:
         """Set ``global_amax`` to the max over the members' calibrated ``_amax``; return whether set."""

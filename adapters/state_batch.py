@@ -32,6 +32,7 @@ _DICT = attrgetter("__dict__")
 _MEMBERS = attrgetter("members")
 _BUFFERS = attrgetter("_buffers")
 _IS_META = attrgetter("is_meta")
+_BASE = attrgetter("_base")
 _ABSENT = object()  # a member without a parallel_state of its own
 
 
@@ -275,7 +276,9 @@ def _shared_base(currents: list[torch.Tensor | None], values: torch.Tensor) -> t
     base = None if first is None else first._base
     if base is None or base.dim() != 1 or len(base) != len(currents) or base.dtype is not values.dtype:
         return None
-    if base.device != values.device or not all(map(is_, map(_base_of, currents), repeat(base))):
+    if base.device != values.device or any(map(is_, currents, repeat(None))):
+        return None
+    if not all(map(is_, map(_BASE, currents), repeat(base))):
         return None
     start, stride = base.storage_offset(), base.stride(0)
     offsets = range(start, start + stride * len(currents), stride)
@@ -283,6 +286,3 @@ def _shared_base(currents: list[torch.Tensor | None], values: torch.Tensor) -> t
         return None
     return base
 
-
-def _base_of(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor._base

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
-from operator import contains, setitem
+from operator import contains, is_, setitem
 
 import torch
 from torch import nn
@@ -56,20 +56,25 @@ def tie_(quantizer: nn.Module, attr: str, tensor: torch.Tensor) -> None:
         quantizer.__dict__[_HOOKED] = True
 
 
-def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch.Tensor], dicts=None) -> None:
+def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch.Tensor], dicts=None, kinds=None) -> None:
     """``tie_`` each quantizer to its tensor; those already tied to it are left as they are.
 
     populate and restore tie every member of every group (12k on a 48-layer MoE), most
     of them already tied on a second populate. ``dicts``, when given, holds the
-    quantizers' ``_buffers`` and ``__dict__`` (a ``StateBatch`` gathers them once): when
-    every quantizer's class clones its own tied entries and already has ``attr`` as a
-    buffer, the ties are made in C-level passes over those dicts, each link to them a
-    cache miss saved.
+    quantizers' ``_buffers`` and ``__dict__`` (a ``StateBatch`` gathers them once), and
+    ``kinds`` their classes as the caller read them in this call: when every
+    quantizer's class clones its own tied entries and already has ``attr`` as a
+    buffer, the ties are checked and made in C-level passes over those dicts, each
+    link to them a cache miss saved.
     """
     if dicts is not None:
         buffers, instance_dicts = dicts
-        kinds = set(map(type, quantizers))
+        kinds = set(map(type, quantizers)) if kinds is None else kinds
         if all(getattr(kind, "clones_tied_entries", False) for kind in kinds) and all(map(contains, buffers, repeat(attr))):
+            if all(map(is_, map(dict.get, buffers, repeat(attr)), tensors)) and all(
+                map(contains, map(dict.get, instance_dicts, repeat(TIED_ATTRS), repeat(())), repeat(attr))
+            ):
+                return  # every tie holds: a second populate changes values in place, not ties
             deque(map(setitem, buffers, repeat(attr), tensors), maxlen=0)
             markers = map(dict.setdefault, instance_dicts, repeat(TIED_ATTRS), map(set, repeat((), len(instance_dicts))))
             deque(map(set.add, markers, repeat(attr)), maxlen=0)

@@ -21,7 +21,7 @@ from sharedquant.adapters import QuantLinear, SharedWeightGlobalAmaxState, Tenso
 from sharedquant.adapters import shared_state, state_index
 from sharedquant.adapters.distributed import ParallelState
 from sharedquant.adapters.models import tiny_mixtral
-from sharedquant.adapters.tying import TIED_ATTRS, is_tied
+from sharedquant.adapters.tying import TIED_ATTRS, is_tied, untie_
 
 from _models import set_weight_amax  # pytest puts tests/ on sys.path (it has no __init__.py)
 
@@ -108,6 +108,20 @@ def test_a_parallel_state_assigned_after_attach_reaches_the_sync(monkeypatch):
     (firsts,) = seen
     owner = model.model.layers[1].block_sparse_moe.experts[2]._shared_quant_states[0]
     assert [p is parallel for p in firsts] == [s is owner for s in states_of(model)]
+
+
+def test_a_second_populate_repairs_the_ties_that_no_longer_hold_and_keeps_the_rest():
+    model = calibrated()
+    State.attach(model)
+    State.populate(model)
+    state = states_of(model)[0]
+    cut, unmarked, kept = (m.weight_quantizer for m in state.members)
+    untie_(cut, "_global_amax")  # its own copy now
+    unmarked.__dict__[TIED_ATTRS].discard("_global_amax")  # same tensor, guard lost
+    shared = kept._buffers["_global_amax"]
+    State.populate(model)
+    assert_every_member_tied(model)
+    assert state.global_amax is shared  # updated in place, not replaced
 
 
 def test_a_quantizer_class_swapped_to_one_we_do_not_own_still_saves_cleanly(tmp_path):
