@@ -45,6 +45,20 @@ def assert_every_member_tied(model: nn.Module) -> None:
             assert is_tied(member.weight_quantizer, "_global_amax", state.global_amax)
 
 
+def assert_next_populate_uses_the_kept_batch(model: nn.Module, projection: str, amax: float) -> None:
+    """The batch kept on the index names the model's states and quantizers, and the next populate uses it as it is."""
+    batch = state_index.holding(model).batches[State]
+    assert batch.states == states_of(model)
+    assert batch.members.quantizers == [m.weight_quantizer for s in states_of(model) for m in s.members]
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        getattr(attention, projection).weight_quantizer._amax.fill_(amax)
+    State.populate(model)
+    assert state_index.holding(model).batches[State] is batch  # used as it was, not gathered again
+    assert_every_member_tied(model)
+    assert attention._shared_quant_states[0].global_amax == amax
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_states():
     gc.collect()  # states of earlier tests count as alive until collected
@@ -54,15 +68,7 @@ def test_populate_keeps_its_batch_and_uses_it_again():
     model = calibrated()
     State.attach(model)
     State.populate(model)
-    batch = state_index.holding(model).batches[State]
-    assert batch.states == states_of(model)
-    assert batch.members.quantizers == [m.weight_quantizer for s in states_of(model) for m in s.members]
-    with torch.no_grad():
-        model.model.layers[0].self_attn.q_proj.weight_quantizer._amax.fill_(30.0)
-    State.populate(model)
-    assert state_index.holding(model).batches[State] is batch  # used as it was, not gathered again
-    assert_every_member_tied(model)
-    assert model.model.layers[0].self_attn._shared_quant_states[0].global_amax == 30.0
+    assert_next_populate_uses_the_kept_batch(model, "q_proj", 30.0)
 
 
 @pytest.mark.parametrize("populated_first", [False, True])
@@ -180,12 +186,4 @@ def test_restore_leaves_the_batch_of_the_states_it_attached():
     fresh = replace_quant_module(tiny_mixtral(seed=1, num_layers=2, num_experts=3))
     fresh.load_state_dict(saved)
     State.restore(fresh)
-    batch = state_index.holding(fresh).batches[State]
-    assert batch.states == states_of(fresh)
-    assert batch.members.quantizers == [m.weight_quantizer for s in states_of(fresh) for m in s.members]
-    with torch.no_grad():
-        fresh.model.layers[0].self_attn.v_proj.weight_quantizer._amax.fill_(50.0)
-    State.populate(fresh)
-    assert state_index.holding(fresh).batches[State] is batch
-    assert_every_member_tied(fresh)
-    assert fresh.model.layers[0].self_attn._shared_quant_states[0].global_amax == 50.0
+    assert_next_populate_uses_the_kept_batch(fresh, "v_proj", 50.0)
