@@ -62,19 +62,19 @@ def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch
     populate and restore tie every member of every group (12k on a 48-layer MoE), most
     of them already tied on a second populate. ``dicts``, when given, holds the
     quantizers' ``_buffers`` and ``__dict__`` (a ``StateBatch`` gathers them once), and
-    ``kinds`` their classes as the caller read them in this call: when every
-    quantizer's class clones its own tied entries and already has ``attr`` as a
-    buffer, the ties are checked and made in C-level passes over those dicts, each
-    link to them a cache miss saved.
+    ``kinds`` their classes as the caller read them in this call. The ties are then
+    checked in C-level passes over those dicts, each link to them a cache miss saved,
+    and, when every quantizer's class clones its own tied entries and already has
+    ``attr`` as a buffer, made in such passes too.
     """
     if dicts is not None:
         buffers, instance_dicts = dicts
+        if all(map(is_, map(dict.get, buffers, repeat(attr)), tensors)) and all(
+            map(contains, map(dict.get, instance_dicts, repeat(TIED_ATTRS), repeat(())), repeat(attr))
+        ):
+            return  # every tie holds (a second populate): what the loop below would find, in two passes
         kinds = set(map(type, quantizers)) if kinds is None else kinds
         if all(getattr(kind, "clones_tied_entries", False) for kind in kinds) and all(map(contains, buffers, repeat(attr))):
-            if all(map(is_, map(dict.get, buffers, repeat(attr)), tensors)) and all(
-                map(contains, map(dict.get, instance_dicts, repeat(TIED_ATTRS), repeat(())), repeat(attr))
-            ):
-                return  # every tie holds: a second populate changes values in place, not ties
             deque(map(setitem, buffers, repeat(attr), tensors), maxlen=0)
             markers = map(dict.setdefault, instance_dicts, repeat(TIED_ATTRS), map(set, repeat((), len(instance_dicts))))
             deque(map(set.add, markers, repeat(attr)), maxlen=0)
