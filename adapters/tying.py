@@ -50,8 +50,12 @@ def tie_(quantizer: nn.Module, attr: str, tensor: torch.Tensor) -> None:
     else:
         quantizer.register_buffer(attr, tensor)
     quantizer.__dict__.setdefault(TIED_ATTRS, set()).add(attr)
+    _clone_on_save_(quantizer)
+
+
+def _clone_on_save_(quantizer: nn.Module) -> None:
+    """Give a tied quantizer whose class does not clone its tied entries the clone as a state-dict hook (once)."""
     if not getattr(type(quantizer), "clones_tied_entries", False) and not quantizer.__dict__.get(_HOOKED):
-        # A quantizer class we do not own gets the clone as a state-dict hook.
         quantizer.register_state_dict_post_hook(_clone_tied_hook)
         quantizer.__dict__[_HOOKED] = True
 
@@ -62,25 +66,31 @@ def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch
     populate and restore tie every member of every group (12k on a 48-layer MoE), most
     of them already tied on a second populate. ``dicts``, when given, holds the
     quantizers' ``_buffers`` and ``__dict__`` (a ``StateBatch`` gathers them once), and
-    ``kinds`` their classes as the caller read them in this call. The ties are then
-    checked in C-level passes over those dicts, each link to them a cache miss saved,
-    and, when every quantizer's class clones its own tied entries and already has
-    ``attr`` as a buffer, made in such passes too.
+    ``kinds`` their classes as the caller read them in this call. The ties, and the
+    state-dict clone hooks of classes that need one, are then checked in C-level passes
+    over those dicts, each link to them a cache miss saved; when every class clones its
+    own tied entries and every quantizer already has ``attr`` as a buffer, the ties are
+    made in such passes too.
     """
     if dicts is not None:
         buffers, instance_dicts = dicts
-        if all(map(is_, map(dict.get, buffers, repeat(attr)), tensors)) and all(
-            map(contains, map(dict.get, instance_dicts, repeat(TIED_ATTRS), repeat(())), repeat(attr))
-        ):
-            return  # every tie holds (a second populate): what the loop below would find, in two passes
         kinds = set(map(type, quantizers)) if kinds is None else kinds
-        if all(getattr(kind, "clones_tied_entries", False) for kind in kinds) and all(map(contains, buffers, repeat(attr))):
+        cloning = all(getattr(kind, "clones_tied_entries", False) for kind in kinds)
+        if (
+            all(map(is_, map(dict.get, buffers, repeat(attr)), tensors))
+            and all(map(contains, map(dict.get, instance_dicts, repeat(TIED_ATTRS), repeat(())), repeat(attr)))
+            and (cloning or all(map(dict.get, instance_dicts, repeat(_HOOKED), repeat(False))))
+        ):
+            return  # every tie holds, saved cleanly (a second populate): what the loop below would find
+        if cloning and all(map(contains, buffers, repeat(attr))):
             deque(map(setitem, buffers, repeat(attr), tensors), maxlen=0)
             markers = map(dict.setdefault, instance_dicts, repeat(TIED_ATTRS), map(set, repeat((), len(instance_dicts))))
             deque(map(set.add, markers, repeat(attr)), maxlen=0)
             return
     for quantizer, tensor in zip(quantizers, tensors):
-        if not is_tied(quantizer, attr, tensor):
+        if is_tied(quantizer, attr, tensor):
+            _clone_on_save_(quantizer)  # its class may have been swapped in place since it was tied
+        else:
             tie_(quantizer, attr, tensor)
 
 
