@@ -130,8 +130,8 @@ def test_a_second_populate_repairs_the_ties_that_no_longer_hold_and_keeps_the_re
     assert state.global_amax is shared  # updated in place, not replaced
 
 
-@pytest.mark.parametrize("ties", ["lifted, as a fresh load leaves them", "still holding"])
-def test_a_quantizer_class_swapped_to_one_we_do_not_own_still_saves_cleanly(tmp_path, ties):
+@pytest.mark.parametrize("ties_hold", [False, True], ids=["ties lifted, as a fresh load leaves them", "ties still holding"])
+def test_a_quantizer_class_swapped_to_one_we_do_not_own_still_saves_cleanly(tmp_path, ties_hold):
     class Foreign(TensorQuantizer):
         clones_tied_entries = False  # the tie must register its state-dict clone as a hook
 
@@ -143,7 +143,7 @@ def test_a_quantizer_class_swapped_to_one_we_do_not_own_still_saves_cleanly(tmp_
     State.populate(model)
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            if ties != "still holding":
+            if not ties_hold:
                 module.weight_quantizer.__dict__.pop(TIED_ATTRS, None)
                 module.weight_quantizer._buffers["_global_amax"] = None
             module.weight_quantizer.__class__ = Foreign
