@@ -55,9 +55,14 @@ def tie_(quantizer: nn.Module, attr: str, tensor: torch.Tensor) -> None:
 
 def _clone_on_save_(quantizer: nn.Module) -> None:
     """Give a tied quantizer whose class does not clone its tied entries the clone as a state-dict hook (once)."""
-    if not getattr(type(quantizer), "clones_tied_entries", False) and not quantizer.__dict__.get(_HOOKED):
+    if not _clones_tied_entries(type(quantizer)) and not quantizer.__dict__.get(_HOOKED):
         quantizer.register_state_dict_post_hook(_clone_tied_hook)
         quantizer.__dict__[_HOOKED] = True
+
+
+def _clones_tied_entries(kind: type) -> bool:
+    """Whether quantizers of class ``kind`` clone their tied entries in their own ``state_dict``."""
+    return getattr(kind, "clones_tied_entries", False)
 
 
 def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch.Tensor], dicts=None, kinds=None) -> None:
@@ -75,7 +80,7 @@ def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch
     if dicts is not None:
         buffers, instance_dicts = dicts
         kinds = set(map(type, quantizers)) if kinds is None else kinds
-        cloning = all(getattr(kind, "clones_tied_entries", False) for kind in kinds)
+        cloning = all(map(_clones_tied_entries, kinds))
         if (
             all(map(is_, map(dict.get, buffers, repeat(attr)), tensors))
             and all(map(contains, map(dict.get, instance_dicts, repeat(TIED_ATTRS), repeat(())), repeat(attr)))
