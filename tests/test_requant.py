@@ -95,3 +95,13 @@ def test_cuda_gives_the_cpu_bytes():
     gpu_fixed, _ = requantize(on_gpu.packed, on_gpu.block_scale, on_gpu.global_scale.cuda(), shared.cuda())
     assert torch.equal(gpu_fixed.packed.cpu(), cpu_fixed.packed)
     assert torch.equal(gpu_fixed.block_scale.cpu().view(torch.uint8), cpu_fixed.block_scale.view(torch.uint8))
+
+
+def test_the_nvfp4_benchmark_rows_run_and_give_ratios(capsys):
+    from benchmarks import nvfp4_speed
+
+    assert nvfp4_speed.main(["--quick", "--no-peer"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| requantize 256x256")]
+    assert len(rows) == 2 and all(row.rstrip(" |").endswith("x") for row in rows)
+    assert any(line.startswith("| nvfp4_quantize bf16 256x256 |") and line.endswith("| - | - | - |") for line in lines)
