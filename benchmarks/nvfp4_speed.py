@@ -2,6 +2,7 @@
 
     python -m benchmarks.nvfp4_speed            # these rows alone, 4096 x 4096
     python -m benchmarks.nvfp4_speed --quick    # 256 x 256: checks that every row runs
+    python -m benchmarks.nvfp4_speed --threads 1  # both sides on one core (a busy shared machine)
 
 Rows of one member (bf16 weights for the quantizers; packed codes and fp8 block scales
 for requantization, with the shared scale 2.5x the member's own). The sides of a row
@@ -92,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 x 256: check that every row runs")
     parser.add_argument("--gpu", action="store_true", help="run the rows on CUDA")
     parser.add_argument("--no-peer", action="store_true", help="leave the peer's column empty")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads for both sides (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     size = 256 if args.quick else 4096
     rows = run(size, size, repeats=1 if args.quick else 5, device="cuda" if args.gpu else "cpu", with_peer=not args.no_peer)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
