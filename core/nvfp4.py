@@ -110,9 +110,9 @@ def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
     magnitude = scaled.abs()
     code = torch.round(magnitude * 2)
     code = torch.minimum(code, torch.round(magnitude).add_(2))
-    code = torch.minimum(code, torch.round(magnitude * 0.5).add_(4)).clamp_(max=7)
+    code = torch.clamp_max(torch.minimum(code, torch.round(magnitude * 0.5).add_(4)), 7)
     # A negative value that rounds to zero keeps its sign (code 8); -0.0 does not.
-    code = code.sub_(torch.sign(scaled).clamp_(max=0), alpha=8)
+    code = code.sub_(torch.clamp_max(torch.sign(scaled), 0), alpha=8)
     return code.nan_to_num_(nan=7.0)  # NaN saturates, as a search over the midpoints put it last
 
 
