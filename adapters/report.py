@@ -66,8 +66,8 @@ def _columns(rows: list[list[str]]) -> list[str]:
 def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
     """The full table (``inspect --all``): a row per member, members in their pattern's role order.
 
-    The group's ratios and status sit on its first row; in a mismatched group, ``*``
-    marks the members already holding the shared scale (``reconcile`` leaves them as they are).
+    The group's ratios and status sit on its first row; where the weight scales differ,
+    ``*`` marks the members already holding the shared one (``reconcile`` leaves them as they are).
 
     Args:
         inspection: what ``inspect_checkpoint`` returned.
@@ -82,7 +82,7 @@ def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] 
     for report in inspection.reports:
         for position, member in enumerate(report.members):
             first = position == 0
-            mark = SHARED_MARK if not report.consistent and member.scale == report.shared_scale else ""
+            mark = SHARED_MARK if report.changed and member.scale == report.shared_scale else ""
             row = [report.group.parent if first else "", _short(member.fqn, report.group.parent) + mark]
             row += [_scale(member.scale)] + ([_scale(member.input_scale)] if fmt.input_scale else [])
             row += [format_ratio(report.ratio) if first else ""]
