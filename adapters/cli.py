@@ -24,9 +24,9 @@ from sharedquant.core.formats import DEFAULT_PATTERNS
 from sharedquant.core.groups import compile_patterns
 
 from .checkpoint import Reconciliation, inspect_checkpoint, reconcile_checkpoint
-from .report import exceeding, format_summary, format_table, inspection_json
+from .report import exceeding, format_summary, format_table, inspection_json, summary_line
 
-__all__ = ["format_table", "inspection_json", "main"]
+__all__ = ["format_table", "inspection_json", "main", "summary_line"]  # the walkthrough notebook imports these here
 
 BAD_INPUT = 2
 # Bad input only: anything else is a defect and keeps its traceback.
