@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .formats import Format
 from .groups import is_expert, parent_fqn
@@ -128,23 +129,26 @@ def applicable_rules(fmt: Format, rules: Iterable[EngineRule] = ENGINE_RULES) ->
     return tuple(rule for rule in rules if fmt.name in rule.formats)
 
 
-def _siblings(report: GroupReport) -> list[tuple[str, tuple[MemberScales, ...]]]:
-    """A group's members by parent module: what an engine fuses (one set per expert in a cross-expert group)."""
-    by_parent: dict[str, list[MemberScales]] = {}
-    for member in report.members:
-        by_parent.setdefault(parent_fqn(member.fqn), []).append(member)
-    return [(parent, tuple(members)) for parent, members in by_parent.items()]
+class _Siblings(NamedTuple):
+    """Members of one group under one module: what an engine fuses into one tensor."""
+
+    expert: bool
+    lasts: frozenset[str]
+    members: tuple[MemberScales, ...]
 
 
-def _stacking(rule: EngineRule, parent: str, members: Sequence[MemberScales]) -> tuple[str, ...] | None:
-    """The rule's role order for these siblings, ``None`` when the rule does not fuse them."""
-    if is_expert(parent) != rule.experts:
-        return None
-    lasts = [member.fqn.rpartition(".")[2] for member in members]
-    for roles in rule.roles:
-        if len(lasts) == len(roles) and set(lasts) == set(roles):
-            return roles
-    return None
+def _siblings(reports: Sequence[GroupReport]) -> list[_Siblings]:
+    """Every group's members by parent module (one set per expert in a cross-expert group)."""
+    found = []
+    for report in reports:
+        by_parent: dict[str, list[MemberScales]] = {}
+        for member in report.members:
+            by_parent.setdefault(parent_fqn(member.fqn), []).append(member)
+        for parent, members in by_parent.items():
+            lasts = frozenset(member.fqn.rpartition(".")[2] for member in members)
+            # a role twice under one module is no fused tensor: no rule's role set matches it
+            found.append(_Siblings(is_expert(parent), lasts if len(lasts) == len(members) else frozenset(), tuple(members)))
+    return found
 
 
 def _kept(rule: EngineRule, roles: tuple[str, ...], members: Sequence[MemberScales], fmt: Format) -> MemberScales | None:
@@ -174,27 +178,26 @@ def find_rule_impacts(
     Raises:
         ValueError: a rule's ``keeps`` is not one of ``KEEPS``.
     """
-    impacts = []
+    impacts, units = [], _siblings(reports)
     for rule in applicable_rules(fmt, rules):
         if rule.keeps not in KEEPS:
             raise ValueError(f"find_rule_impacts: rule {rule.name!r} keeps {rule.keeps!r}; expected one of {KEEPS}")
+        stacks = {frozenset(roles): roles for roles in rule.roles}  # role set -> its stacking order
         covered = affected = 0
         worst_error, worst_member = 0.0, None
-        for report in reports:
-            for parent, members in _siblings(report):
-                roles = _stacking(rule, parent, members)
-                if roles is None:
+        for siblings in units:
+            roles = stacks.get(siblings.lasts) if siblings.expert == rule.experts else None
+            if roles is None:
+                continue
+            covered += len(siblings.members)
+            kept = _kept(rule, roles, siblings.members, fmt)
+            for member in siblings.members:
+                if kept is None or member.scale == kept.scale:
                     continue
-                covered += len(members)
-                kept = _kept(rule, roles, members, fmt)
-                for member in members:
-                    if kept is None or member.scale == kept.scale:
-                        continue
-                    # r = kept weight_scale_2 / own weight_scale_2, from the stored values
-                    r = member.scale / kept.scale if fmt.reciprocal else kept.scale / member.scale
-                    affected += 1
-                    if abs(r - 1) > worst_error:
-                        worst_error, worst_member = abs(r - 1), member.fqn
+                # r = kept weight_scale_2 / own weight_scale_2, from the stored values
+                r = member.scale / kept.scale if fmt.reciprocal else kept.scale / member.scale
+                affected += 1
+                if abs(r - 1) > worst_error:
+                    worst_error, worst_member = abs(r - 1), member.fqn
         impacts.append(RuleImpact(rule, covered, affected, worst_error, worst_member))
     return tuple(impacts)
-

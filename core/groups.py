@@ -253,17 +253,19 @@ def in_role_order(groups: Sequence[Group], patterns: Sequence[str]) -> tuple[Gro
         groups: what ``find_groups(names, patterns)`` returned.
         patterns: the same patterns (a group's key holds its pattern's index).
     """
-    roles_of = [_roles(pattern) for pattern in patterns]
+    ranks = [{role: rank for rank, role in enumerate(_roles(pattern))} for pattern in patterns]
     ordered = []
     for group in groups:
-        roles = roles_of[group.key[0]]
-        parents = {parent: index for index, parent in enumerate(dict.fromkeys(map(parent_fqn, group.members)))}
-
-        def place(fqn: str, roles=roles, parents=parents) -> tuple[int, int]:
-            last = fqn.rpartition(".")[2]
-            return parents[parent_fqn(fqn)], roles.index(last) if last in roles else len(roles)
-
-        ordered.append(Group(group.key, group.parent, tuple(sorted(group.members, key=place))))
+        rank = ranks[group.key[0]]
+        splits = [fqn.rpartition(".") for fqn in group.members]
+        # module (first-seen), then role: one sort key a member, no regex (this runs per group of 40k)
+        modules = {prefix: index for index, prefix in enumerate(dict.fromkeys(split[0] for split in splits))}
+        keys = [(modules[prefix], rank.get(last, len(rank))) for prefix, _, last in splits]
+        if all(a <= b for a, b in zip(keys, keys[1:])):
+            ordered.append(group)  # already in order: the same value back
+        else:
+            members = tuple(group.members[i] for i in sorted(range(len(keys)), key=keys.__getitem__))  # stable
+            ordered.append(Group(group.key, group.parent, members))
     return tuple(ordered)
 
 
