@@ -64,7 +64,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(inspection_json(inspection, args.fail_above), indent=2))
     else:
-        print(format_table(inspection) + "\n" if args.all and inspection.reports else "", end="")
+        if args.all and inspection.reports:
+            print(format_table(inspection, closing=False), end="\n\n")
         print(format_summary(inspection, args.fail_above))
     return 1 if exceeding(inspection, args.fail_above) else 0
 

@@ -63,7 +63,9 @@ def _columns(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
-def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
+def format_table(
+    inspection: Inspection, extra: Mapping[str, Mapping[str, str]] | None = None, *, closing: bool = True
+) -> str:
     """The full table (``inspect --all``): a row per member, members in their pattern's role order.
 
     The group's ratios and status sit on its first row; where the weight scales differ,
@@ -72,6 +74,7 @@ def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] 
     Args:
         inspection: what ``inspect_checkpoint`` returned.
         extra: optional member FQN -> {column title: text}, shown after the status.
+        closing: end with ``summary_line`` (``inspect --all`` follows the table with the summary instead).
     """
     fmt = inspection.format
     if not inspection.reports:
@@ -89,8 +92,8 @@ def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] 
             row += [format_ratio(report.input_ratio) if first else ""] if fmt.input_scale else []
             row += [_status(report) if first else ""]
             rows.append(row + [(extra or {}).get(member.fqn, {}).get(title, "") for title in titles])
-    legend = f"{SHARED_MARK} holds the shared {fmt.scale}; reconcile requantizes the other members to it"
-    return "\n".join(_columns(rows) + [legend, summary_line(inspection)])
+    legend = f"{SHARED_MARK} holds the shared {fmt.scale}; reconcile gives it to the other members of its group"
+    return "\n".join(_columns(rows) + [legend] + ([summary_line(inspection)] if closing else []))
 
 
 def summary_line(inspection: Inspection) -> str:
@@ -108,7 +111,7 @@ def summary_line(inspection: Inspection) -> str:
 
 
 def exceeding(inspection: Inspection, fail_above: float | None) -> tuple[GroupReport, ...]:
-    """The groups that make ``inspect`` exit 1: weight-scale ratio above ``fail_above``, or any mismatch when ``None``."""
+    """The groups that make ``inspect`` exit 1: a weight-scale ratio above ``fail_above`` (any mismatch if ``None``)."""
     if fail_above is None:
         return tuple(report for report in inspection.reports if not report.consistent)
     return tuple(report for report in inspection.reports if report.ratio > fail_above)
@@ -146,11 +149,10 @@ def format_summary(inspection: Inspection, fail_above: float | None = None) -> s
     lines += _kind_lines(summarize_kinds(reports))
     worst = worst_reports(reports, WORST)
     if worst:
-        lines += ["", f"worst {len(worst)} groups:"]
-        lines += _columns([
-            [f"  {format_ratio(r.ratio)}", f"input {format_ratio(r.input_ratio)}", r.group.parent or "<root>", group_kind(r.group)]
-            for r in worst
-        ])  # fmt: skip
+        lines += ["", "worst groups:"]
+        ratios = [(f"  {format_ratio(r.ratio)}",) + ((f"input {format_ratio(r.input_ratio)}",) if fmt.input_scale else ())
+                  for r in worst]  # fmt: skip
+        lines += _columns([[*pair, r.group.parent or "<root>", group_kind(r.group)] for pair, r in zip(ratios, worst)])
     lines += ["", *_rule_lines(find_rule_impacts(reports, fmt), fmt.name), ""]
     if fail_above is not None:
         over = exceeding(inspection, fail_above)

@@ -146,12 +146,15 @@ def _siblings(reports: Sequence[GroupReport]) -> list[_Siblings]:
             by_parent.setdefault(parent_fqn(member.fqn), []).append(member)
         for parent, members in by_parent.items():
             lasts = frozenset(member.fqn.rpartition(".")[2] for member in members)
-            # a role twice under one module is no fused tensor: no rule's role set matches it
-            found.append(_Siblings(is_expert(parent), lasts if len(lasts) == len(members) else frozenset(), tuple(members)))
+            if len(lasts) < len(members):  # a role twice under one module is no fused tensor: match no rule
+                lasts = frozenset()
+            found.append(_Siblings(is_expert(parent), lasts, tuple(members)))
     return found
 
 
-def _kept(rule: EngineRule, roles: tuple[str, ...], members: Sequence[MemberScales], fmt: Format) -> MemberScales | None:
+def _kept(
+    rule: EngineRule, roles: tuple[str, ...], members: Sequence[MemberScales], fmt: Format
+) -> MemberScales | None:
     """The member whose scale the engine keeps (``None``: each keeps its own)."""
     if rule.keeps == "own":
         return None
