@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from sharedquant.core.convert import (
     LAYOUTS,
@@ -111,89 +110,86 @@ def _read_json(path: Path) -> dict | None:
     return data
 
 
-def _convert_shard(checkpoint: Checkpoint, shard: str, staging: Path, job: dict, result: Conversion) -> None:
-    """Write ``shard`` renamed: its data copied as it is, its scales overwritten in place, its header rewritten."""
-    source_path = checkpoint.root / shard
-    with safe_open(str(source_path), "pt") as handle:
-        metadata = handle.metadata()
-    originals = read_originals(metadata, str(source_path))
-    with open(source_path, "rb") as handle:  # open_checkpoint has validated this header
+def _shard_header(checkpoint: Checkpoint, shard: str, job: dict, result: Conversion) -> tuple[bytes, int, list]:
+    """The renamed header of ``shard``, where its data starts, and ``(data offset, tensor)`` of each new scale."""
+    with open(checkpoint.root / shard, "rb") as handle:  # open_checkpoint has validated this header
         length = int.from_bytes(handle.read(8), "little")
-        entries = json.loads(handle.read(length))
-    has_metadata = entries.pop("__metadata__", None) is not None
+        entries = json.loads(handle.read(length))  # keeps the file's order, metadata's too
+    metadata = entries.pop("__metadata__", None)
+    originals = read_originals(metadata, str(checkpoint.root / shard))
     header, patches, records = {}, [], {}
     for key, entry in entries.items():
         new_key = job["renames"].get(key, key)
         if key in job["scales"]:
             converted = convert_scale(key, checkpoint.read(key), result.source, result.target, originals.get(key))
             entry = {**entry, "shape": list(converted.tensor.shape)}
-            patches.append((8 + length + entry["data_offsets"][0], converted.tensor))
+            patches.append((entry["data_offsets"][0], converted.tensor))
             result.restored += converted.restored
             if converted.record is not None:
                 records[new_key] = converted.record
             if converted.relative_error:
                 result.inexact.append((key, converted.relative_error))
         header[new_key] = entry
-    metadata = write_originals(metadata if has_metadata else None, records)
-    text = json.dumps({**({"__metadata__": metadata} if metadata is not None else {}), **header}, separators=(",", ":"))
-    text += " " * (-len(text.encode()) % 8)  # safetensors pads the header to 8 bytes with spaces
-    target = staging / shard
-    with open(source_path, "rb") as src, open(target, "wb") as dst:
-        dst.write(len(text.encode()).to_bytes(8, "little") + text.encode())
-        src.seek(8 + length)
+    metadata = write_originals(metadata, records)
+    header = {**({"__metadata__": metadata} if metadata is not None else {}), **header}
+    # safetensors writes compact JSON, UTF-8 unescaped, padded with spaces to 8 bytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return text + b" " * (-len(text) % 8), 8 + length, patches
+
+
+def _convert_shard(checkpoint: Checkpoint, shard: str, staging: Path, job: dict, result: Conversion) -> None:
+    """Write ``shard`` renamed: its data copied as it is, its scales overwritten in place, its header rewritten."""
+    header, data_start, patches = _shard_header(checkpoint, shard, job, result)
+    source, target = checkpoint.root / shard, staging / shard
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        dst.write(len(header).to_bytes(8, "little") + header)
+        src.seek(data_start)
         shutil.copyfileobj(src, dst, 16 << 20)
-        shift = len(text.encode()) - length
         for offset, tensor in patches:
-            dst.seek(offset + shift)
+            dst.seek(8 + len(header) + offset)
             dst.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    shutil.copymode(source_path, target)
+    shutil.copymode(source, target)
 
 
-def _write_index(checkpoint: Checkpoint, staging: Path, renames: dict[str, str]) -> None:
+def _index_text(checkpoint: Checkpoint, renames: dict[str, str]) -> str:
     """The index with the new names, in the style the input's was written (sorted keys, trailing newline)."""
     text = (checkpoint.root / INDEX).read_text()
     index = checkpoint.index
-    style = next(
-        ((sort, end) for sort in (True, False) for end in ("\n", "") if json.dumps(index, indent=2, sort_keys=sort) + end == text),
-        (True, "\n"),
-    )
+    styles = [(sort, end) for sort in (True, False) for end in ("\n", "")]
+    sort, end = next((s for s in styles if json.dumps(index, indent=2, sort_keys=s[0]) + s[1] == text), (True, "\n"))
     weight_map = {renames.get(key, key): shard for key, shard in index["weight_map"].items()}
     if list(index["weight_map"]) == sorted(index["weight_map"]):
         weight_map = dict(sorted(weight_map.items()))
-    (staging / INDEX).write_text(json.dumps({**index, "weight_map": weight_map}, indent=2, sort_keys=style[0]) + style[1])
+    return json.dumps({**index, "weight_map": weight_map}, indent=2, sort_keys=sort) + end
 
 
-def _write_configs(checkpoint: Checkpoint, staging: Path, result: Conversion, block: int | None) -> None:
-    """``config.json`` and ``hf_quant_config.json`` for the target; nothing when the input has neither."""
+def _config_texts(checkpoint: Checkpoint, result: Conversion, block: int | None) -> dict[str, str]:
+    """``config.json`` and ``hf_quant_config.json`` for the target, by file name; none when the input has no quantization config."""
     config = _read_json(checkpoint.root / CONFIG)
     hf_quant_config = _read_json(checkpoint.root / HF_QUANT_CONFIG)
     settings = read_quant_settings(result.source, config, hf_quant_config)
     if settings is None:
-        if config is not None:  # a model config without quantization: copy it as it is
-            shutil.copy2(checkpoint.root / CONFIG, staging / CONFIG)
-        return
+        return {}
     if block is not None and settings.group_size != block:
         raise CheckpointError(f"{checkpoint.path}: the config says group_size {settings.group_size}, the tensors {block}")
     member_set = set(result.members)
     modules = [key[: -len(".weight")] for key in checkpoint.tensors if key.endswith(".weight")]
     modules = [name for name in modules if name not in member_set]
-    ignore = translate_ignore(settings.ignore, result.source, result.target, modules)
-    settings = QuantSettings(settings.group_size, ignore)
+    settings = QuantSettings(settings.group_size, translate_ignore(settings.ignore, result.source, result.target, modules))
+    texts = {}
     if result.target is MODELOPT:
         producer = {"name": "sharedquant", "version": importlib.metadata.version("sharedquant")}
         hf_quant_config, section = modelopt_configs(settings, producer)
-        (staging / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant_config, indent=4))
-        result.configs.append(HF_QUANT_CONFIG)
-    else:
+        texts[HF_QUANT_CONFIG] = json.dumps(hf_quant_config, indent=4)
+    else:  # compressed-tensors has no hf_quant_config.json; an engine finding one would read the modelopt layout
         section = compressed_tensors_config(settings)
     if config is not None:
-        (staging / CONFIG).write_text(json.dumps({**config, "quantization_config": section}, indent=2, sort_keys=True) + "\n")
-        result.configs.append(CONFIG)
+        texts[CONFIG] = json.dumps({**config, "quantization_config": section}, indent=2, sort_keys=True) + "\n"
+    return texts
 
 
-def _copy_others(checkpoint: Checkpoint, staging: Path) -> None:
+def _copy_others(checkpoint: Checkpoint, staging: Path, written: set[str]) -> None:
     """Every other file of the input directory, links followed (a link into a cache must become a file)."""
-    written = {*checkpoint.shards, INDEX, CONFIG, HF_QUANT_CONFIG}
     for entry in sorted(checkpoint.root.iterdir()):
         if entry.name in written:
             continue
@@ -235,12 +231,17 @@ def convert_checkpoint(
     scales = {join_fqn(fqn, role) for fqn in members for role in (source.scale, source.input_scale)}
     job = {"renames": renames, "scales": scales & checkpoint.tensors.keys()}
     result = Conversion(source, target, Path(out), members, len(renames) - sum(k == v for k, v in renames.items()))
+    texts = {}
+    if checkpoint.path.is_dir():  # read and check every config before anything is written
+        texts = _config_texts(checkpoint, result, block)
+        result.configs = sorted(texts)
+        if checkpoint.index is not None:
+            texts[INDEX] = _index_text(checkpoint, renames)
     with staged_output(checkpoint, Path(out), force) as staging:
         if checkpoint.path.is_dir():
-            _copy_others(checkpoint, staging)
-            _write_configs(checkpoint, staging, result, block)
-            if checkpoint.index is not None:
-                _write_index(checkpoint, staging, renames)
+            _copy_others(checkpoint, staging, {*checkpoint.shards, *texts, HF_QUANT_CONFIG})
+        for name, text in texts.items():
+            (staging / name).write_text(text)
         for done, shard in enumerate(checkpoint.shards):
             _convert_shard(checkpoint, shard, staging, job, result)
             checkpoint.release()  # one shard's pages at a time

@@ -147,12 +147,14 @@ def convert_scale(
     return ConvertedScale(converted, (list(value.shape), _hex(value)), error)
 
 
-def read_originals(metadata: Mapping[str, str] | None, where: str) -> dict[str, tuple[list[int], str]]:
+def read_originals(metadata: object, where: str) -> dict[str, tuple[list[int], str]]:
     """The records of ``ORIGINALS_KEY`` in a shard's metadata (``where`` names the shard in errors).
 
     Raises:
         ValueError: the entry is not the JSON object this module writes.
     """
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ValueError(f"convert: {where}: the safetensors __metadata__ is not an object: {metadata!r}")
     text = (metadata or {}).get(ORIGINALS_KEY)
     if text is None:
         return {}

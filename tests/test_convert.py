@@ -288,3 +288,28 @@ def test_a_failure_midway_leaves_no_output_and_no_staging(tmp_path, monkeypatch)
         convert_checkpoint(source, tmp_path / "b", "compressed-tensors")
     assert len(calls) == 2 and not (tmp_path / "b").exists() and no_leftovers(tmp_path)
     assert digest(source) == before
+
+
+def test_the_input_is_never_opened_for_writing(tmp_path, monkeypatch):
+    source = write_checkpoint(tmp_path / "a", modelopt_state(), shards=2)
+    opened = []
+
+    def spy(path, mode="r", *args, **kwargs):
+        opened.append((Path(path), mode))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(conv, "open", spy, raising=False)
+    convert_checkpoint(source, tmp_path / "b", "compressed-tensors")
+    reads = [path for path, mode in opened if mode == "rb"]
+    writes = [path for path, mode in opened if mode != "rb"]
+    assert sorted(p.name for p in reads) == sorted([p.name for p in source.glob("*.safetensors")] * 2)
+    assert writes and all(tmp_path / "a" not in path.parents for path in writes)
+
+
+def test_a_corrupt_record_in_the_metadata_is_refused(tmp_path, capsys):
+    source = tmp_path / "a"
+    source.mkdir()
+    save_file(modelopt_state(), source / "model.safetensors", metadata={ORIGINALS_KEY: "[1, 2]"})
+    assert main(["convert", str(source), "--to", "compressed-tensors", "--out", str(tmp_path / "b")]) == 2
+    assert f"metadata '{ORIGINALS_KEY}' is not valid" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and no_leftovers(tmp_path)
