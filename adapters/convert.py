@@ -84,7 +84,7 @@ def _layouts(checkpoint: Checkpoint, to: str) -> tuple[Format, Format]:
 
 
 def _check_members(checkpoint: Checkpoint, source: Format, members: tuple[str, ...]) -> int | None:
-    """The one block size of every member; refuses codes that are not uint8 or block scales not float8."""
+    """The one block size of every member; refuses codes not uint8, block scales not float8, no input scale."""
     sizes = set()
     for fqn in members:
         packed = checkpoint.tensors[join_fqn(fqn, source.packed)]
@@ -92,6 +92,8 @@ def _check_members(checkpoint: Checkpoint, source: Format, members: tuple[str, .
         if (packed.dtype, blocks.dtype) != ("U8", "F8_E4M3"):
             got = f"{source.packed} {packed.dtype}, {source.block_scale} {blocks.dtype}"
             raise CheckpointError(f"{checkpoint.path}: {fqn!r} is not NVFP4 (expected U8 codes, F8_E4M3 blocks; got {got})")
+        if join_fqn(fqn, source.input_scale) not in checkpoint.tensors:  # both configs describe W4A4 NVFP4
+            raise CheckpointError(f"{checkpoint.path}: {fqn!r} has no {source.input_scale}; weight-only NVFP4 does not convert")
         sizes.add(block_size(fqn, packed.shape, blocks.shape))
     if len(sizes) > 1:
         raise CheckpointError(f"{checkpoint.path}: members have different block sizes {sorted(sizes)}")
@@ -177,7 +179,7 @@ def _config_texts(checkpoint: Checkpoint, result: Conversion, block: int | None)
     modules = [name for name in modules if name not in member_set]
     settings = QuantSettings(settings.group_size, translate_ignore(settings.ignore, result.source, result.target, modules))
     texts = {}
-    if result.target is MODELOPT:
+    if result.target.name == MODELOPT.name:
         producer = {"name": "sharedquant", "version": importlib.metadata.version("sharedquant")}
         hf_quant_config, section = modelopt_configs(settings, producer)
         texts[HF_QUANT_CONFIG] = json.dumps(hf_quant_config, indent=4)

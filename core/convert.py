@@ -71,7 +71,7 @@ def find_renames(keys: Iterable[str], source: Format, target: Format) -> dict[st
                 raise ValueError(f"convert: {fqn!r} has {source.scale} but no {getattr(source, role)}")
     taken = present - renames.keys()
     # a scale of a module that is not an NVFP4 member (FP8, a kv cache) would keep a name the target misreads
-    stray = (source.block_scale, source.scale, source.input_scale, "k_scale", "v_scale")
+    stray = {getattr(fmt, role) for fmt in LAYOUTS.values() for role in _ROLES[1:]} | {"k_scale", "v_scale"}
     strays = [key for key in taken if key.rpartition(".")[2] in stray]
     if strays:
         raise ValueError(f"convert: {sorted(strays)[0]!r} is a quantization scale outside any NVFP4 member; only NVFP4 converts")
@@ -131,7 +131,8 @@ def convert_scale(
         ValueError: not one positive finite float.
     """
     if value.numel() != 1 or not value.dtype.is_floating_point or not 0 < value.double().item() < math.inf:
-        raise ValueError(f"convert: {key!r} should hold one positive finite float scale, got {value.tolist()!r}")
+        got = value.item() if value.numel() == 1 else f"{value.dtype} of shape {list(value.shape)}"
+        raise ValueError(f"convert: {key!r} should hold one positive finite float scale, got {got!r}")
     if original is not None:
         try:
             restored = _from_hex(original, value)
@@ -253,7 +254,7 @@ def read_quant_settings(fmt: Format, config: dict | None, hf_quant_config: dict 
         ValueError: the config is not NVFP4 in ``fmt``'s layout, or has a quantized kv cache.
     """
     section = (config or {}).get("quantization_config")
-    if fmt is MODELOPT:
+    if fmt.name == MODELOPT.name:
         if hf_quant_config is not None:
             return _modelopt_settings(hf_quant_config, "hf_quant_config.json")
         if section is None:
@@ -285,9 +286,9 @@ def translate_ignore(ignore: Sequence[str], source: Format, target: Format, modu
     """
     translated: list[str] = []
     for entry in ignore:
-        if source is MODELOPT and target is COMPRESSED_TENSORS and any(char in entry for char in "*?["):
+        if (source.name, target.name) == (MODELOPT.name, COMPRESSED_TENSORS.name) and any(char in entry for char in "*?["):
             translated.append("re:" + fnmatch.translate(entry))
-        elif source is COMPRESSED_TENSORS and target is MODELOPT and entry.startswith("re:"):
+        elif (source.name, target.name) == (COMPRESSED_TENSORS.name, MODELOPT.name) and entry.startswith("re:"):
             pattern = re.compile(entry[3:])  # compressed-tensors matches with re.match
             translated.extend(name for name in modules if pattern.match(name))
         else:

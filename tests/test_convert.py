@@ -115,10 +115,15 @@ def test_renames_cover_every_member_tensor_and_nothing_else():
     assert "lm_head.weight" not in renames and len(renames) == 4 * len(MEMBERS)
 
 
-def test_renames_refuse_scales_outside_nvfp4_members():
-    state = {**modelopt_state(), "model.layers.0.mlp.down_proj.weight_scale": torch.tensor(1.0)}
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight_scale' is a quantization scale outside"):
-        find_renames(state, MODELOPT, COMPRESSED_TENSORS)
+@pytest.mark.parametrize("suffix", ["weight_scale", "input_scale", "k_scale"])
+def test_renames_refuse_scales_outside_nvfp4_members(suffix):
+    """An FP8 layer or a kv-cache scale would keep a name the target misreads, in either direction."""
+    state = modelopt_state()
+    renames = find_renames(state, MODELOPT, COMPRESSED_TENSORS)
+    stray = f"model.layers.0.mlp.down_proj.{suffix}"
+    for keys, source, target in [(state, MODELOPT, COMPRESSED_TENSORS), (renames.values(), COMPRESSED_TENSORS, MODELOPT)]:
+        with pytest.raises(ValueError, match=rf"'{stray}' is a quantization scale outside any NVFP4 member"):
+            find_renames([*keys, stray], source, target)
 
 
 def test_a_scale_becomes_its_correctly_rounded_reciprocal_in_the_target_shape():
@@ -236,6 +241,7 @@ def no_leftovers(parent: Path) -> bool:
         ("kv", r"a quantized kv cache \(FP8\) does not convert"),
         ("group", r"the config says group_size 32, the tensors 16"),
         ("codes", r"is not NVFP4 \(expected U8 codes"),
+        ("weight-only", r"has no input_scale; weight-only NVFP4 does not convert"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case, match):
@@ -253,6 +259,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
         quantization["group_size"] = 32
     elif case == "codes":
         state[f"{MEMBERS[0]}.weight"] = state[f"{MEMBERS[0]}.weight"].to(torch.int8)
+    elif case == "weight-only":
+        del state[f"{MEMBERS[1]}.input_scale"]
     source = write_checkpoint(tmp_path / "a", state, {"quantization": quantization})
     before = digest(source)
     assert main(["convert", str(source), "--to", to, "--out", str(tmp_path / "b")]) == 2
