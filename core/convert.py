@@ -128,7 +128,7 @@ def convert_scale(
             when its reciprocal is exactly ``value`` (nothing has changed the scale since).
 
     Raises:
-        ValueError: not one positive finite float.
+        ValueError: not one positive finite float, or one whose reciprocal overflows its dtype.
     """
     if value.numel() != 1 or not value.dtype.is_floating_point or not 0 < value.double().item() < math.inf:
         got = value.item() if value.numel() == 1 else f"{value.dtype} of shape {list(value.shape)}"
@@ -141,6 +141,8 @@ def convert_scale(
         except (TypeError, ValueError, RuntimeError):
             pass  # a record that does not parse is not this tensor's: convert plainly
     converted = _reciprocal(value, SCALE_SHAPES[target.name])
+    if not 0 < converted.double().item() < math.inf:
+        raise ValueError(f"convert: the reciprocal of {key!r} ({value.item()!r}) is not a positive finite {value.dtype}")
     back = _reciprocal(converted, value.shape)
     if _hex(back) == _hex(value) and tuple(value.shape) == SCALE_SHAPES[source.name]:
         return ConvertedScale(converted)
