@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +73,13 @@ class Conversion:
     configs: list[str] = field(default_factory=list)
 
 
+class _Job(NamedTuple):
+    """What every shard's conversion needs: the new names, and the keys of the scales to invert."""
+
+    renames: dict[str, str]
+    scales: frozenset[str]
+
+
 def _layouts(checkpoint: Checkpoint, to: str) -> tuple[Format, Format]:
     if to not in LAYOUTS:
         raise CheckpointError(f"convert: unknown layout {to!r}; expected one of {', '.join(LAYOUTS)}")
@@ -91,9 +99,11 @@ def _check_members(checkpoint: Checkpoint, source: Format, members: tuple[str, .
         blocks = checkpoint.tensors[join_fqn(fqn, source.block_scale)]
         if (packed.dtype, blocks.dtype) != ("U8", "F8_E4M3"):
             got = f"{source.packed} {packed.dtype}, {source.block_scale} {blocks.dtype}"
-            raise CheckpointError(f"{checkpoint.path}: {fqn!r} is not NVFP4 (expected U8 codes, F8_E4M3 blocks; got {got})")
+            expected = "expected U8 codes, F8_E4M3 blocks"
+            raise CheckpointError(f"{checkpoint.path}: {fqn!r} is not NVFP4 ({expected}; got {got})")
         if join_fqn(fqn, source.input_scale) not in checkpoint.tensors:  # both configs describe W4A4 NVFP4
-            raise CheckpointError(f"{checkpoint.path}: {fqn!r} has no {source.input_scale}; weight-only NVFP4 does not convert")
+            lacks = f"{fqn!r} has no {source.input_scale}"
+            raise CheckpointError(f"{checkpoint.path}: {lacks}; weight-only NVFP4 does not convert")
         sizes.add(block_size(fqn, packed.shape, blocks.shape))
     if len(sizes) > 1:
         raise CheckpointError(f"{checkpoint.path}: members have different block sizes {sorted(sizes)}")
@@ -112,7 +122,7 @@ def _read_json(path: Path) -> dict | None:
     return data
 
 
-def _shard_header(checkpoint: Checkpoint, shard: str, job: dict, result: Conversion) -> tuple[bytes, int, list]:
+def _shard_header(checkpoint: Checkpoint, shard: str, job: _Job, result: Conversion) -> tuple[bytes, int, list]:
     """The renamed header of ``shard``, where its data starts, and ``(data offset, tensor)`` of each new scale."""
     with open(checkpoint.root / shard, "rb") as handle:  # open_checkpoint has validated this header
         length = int.from_bytes(handle.read(8), "little")
@@ -121,8 +131,8 @@ def _shard_header(checkpoint: Checkpoint, shard: str, job: dict, result: Convers
     originals = read_originals(metadata, str(checkpoint.root / shard))
     header, patches, records = {}, [], {}
     for key, entry in entries.items():
-        new_key = job["renames"].get(key, key)
-        if key in job["scales"]:
+        new_key = job.renames.get(key, key)
+        if key in job.scales:
             converted = convert_scale(key, checkpoint.read(key), result.source, result.target, originals.get(key))
             entry = {**entry, "shape": list(converted.tensor.shape)}
             patches.append((entry["data_offsets"][0], converted.tensor))
@@ -139,7 +149,7 @@ def _shard_header(checkpoint: Checkpoint, shard: str, job: dict, result: Convers
     return text + b" " * (-len(text) % 8), 8 + length, patches
 
 
-def _convert_shard(checkpoint: Checkpoint, shard: str, staging: Path, job: dict, result: Conversion) -> None:
+def _convert_shard(checkpoint: Checkpoint, shard: str, staging: Path, job: _Job, result: Conversion) -> None:
     """Write ``shard`` renamed: its data copied as it is, its scales overwritten in place, its header rewritten."""
     header, data_start, patches = _shard_header(checkpoint, shard, job, result)
     source, target = checkpoint.root / shard, staging / shard
@@ -166,18 +176,20 @@ def _index_text(checkpoint: Checkpoint, renames: dict[str, str]) -> str:
 
 
 def _config_texts(checkpoint: Checkpoint, result: Conversion, block: int | None) -> dict[str, str]:
-    """``config.json`` and ``hf_quant_config.json`` for the target, by file name; none when the input has no quantization config."""
+    """``config.json`` and ``hf_quant_config.json`` for the target, by name; none without a quantization config."""
     config = _read_json(checkpoint.root / CONFIG)
     hf_quant_config = _read_json(checkpoint.root / HF_QUANT_CONFIG)
     settings = read_quant_settings(result.source, config, hf_quant_config)
     if settings is None:
         return {}
     if block is not None and settings.group_size != block:
-        raise CheckpointError(f"{checkpoint.path}: the config says group_size {settings.group_size}, the tensors {block}")
+        says = f"the config says group_size {settings.group_size}"
+        raise CheckpointError(f"{checkpoint.path}: {says}, the tensors {block}")
     member_set = set(result.members)
     modules = [key[: -len(".weight")] for key in checkpoint.tensors if key.endswith(".weight")]
     modules = [name for name in modules if name not in member_set]
-    settings = QuantSettings(settings.group_size, translate_ignore(settings.ignore, result.source, result.target, modules))
+    ignore = translate_ignore(settings.ignore, result.source, result.target, modules)
+    settings = QuantSettings(settings.group_size, ignore)
     texts = {}
     if result.target.name == MODELOPT.name:
         producer = {"name": "sharedquant", "version": importlib.metadata.version("sharedquant")}
@@ -231,7 +243,7 @@ def convert_checkpoint(
     members = find_members(checkpoint.tensors, source)
     block = _check_members(checkpoint, source, members)
     scales = {join_fqn(fqn, role) for fqn in members for role in (source.scale, source.input_scale)}
-    job = {"renames": renames, "scales": scales & checkpoint.tensors.keys()}
+    job = _Job(renames, frozenset(scales & checkpoint.tensors.keys()))
     result = Conversion(source, target, Path(out), members, len(renames) - sum(k == v for k, v in renames.items()))
     texts = {}
     if checkpoint.path.is_dir():  # read and check every config before anything is written
@@ -263,7 +275,8 @@ def conversion_lines(result: Conversion, every: bool = False) -> list[str]:
         f"converted {len(result.members)} NVFP4 members from {result.source.name} to {result.target.name} "
         f"({result.renamed} tensors renamed); written to {result.out}"
     ]
-    lines.append(f"configs written: {', '.join(result.configs)}" if result.configs else "no quantization config found: tensors only")
+    configs = f"configs written: {', '.join(result.configs)}" if result.configs else None
+    lines.append(configs or "no quantization config found: tensors only")
     if result.restored:
         lines.append(f"{result.restored} scale(s) restored to the bytes an earlier conversion recorded")
     if result.inexact:

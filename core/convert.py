@@ -1,4 +1,4 @@
-"""Conversion between the modelopt and compressed-tensors NVFP4 layouts. Pure: names, scales and configs in, new ones out.
+"""Conversion between the modelopt and compressed-tensors NVFP4 layouts. Pure: names, scales, configs in; new ones out.
 
 The two layouts hold the same numbers under other names (``core.formats``): the packed
 codes and the float8 block scales are copied as they are, and the per-tensor scales are
@@ -74,7 +74,8 @@ def find_renames(keys: Iterable[str], source: Format, target: Format) -> dict[st
     stray = {getattr(fmt, role) for fmt in LAYOUTS.values() for role in _ROLES[1:]} | {"k_scale", "v_scale"}
     strays = [key for key in taken if key.rpartition(".")[2] in stray]
     if strays:
-        raise ValueError(f"convert: {sorted(strays)[0]!r} is a quantization scale outside any NVFP4 member; only NVFP4 converts")
+        first = sorted(strays)[0]
+        raise ValueError(f"convert: {first!r} is a quantization scale outside any NVFP4 member; only NVFP4 converts")
     clashes = sorted(new for new in renames.values() if new in taken)
     if clashes:
         raise ValueError(f"convert: the {target.name} name {clashes[0]!r} is already taken by another tensor")
@@ -142,7 +143,7 @@ def convert_scale(
             pass  # a record that does not parse is not this tensor's: convert plainly
     converted = _reciprocal(value, SCALE_SHAPES[target.name])
     if not 0 < converted.double().item() < math.inf:
-        raise ValueError(f"convert: the reciprocal of {key!r} ({value.item()!r}) is not a positive finite {value.dtype}")
+        raise ValueError(f"convert: the reciprocal of {key!r} is not a positive finite {value.dtype}")
     back = _reciprocal(converted, value.shape)
     if _hex(back) == _hex(value) and tuple(value.shape) == SCALE_SHAPES[source.name]:
         return ConvertedScale(converted)
@@ -218,7 +219,8 @@ def _modelopt_settings(hf_quant_config: dict, where: str) -> QuantSettings:
         algo = quantization.get("quant_algo") if isinstance(quantization, dict) else None
         raise ValueError(f"convert: {where}: quant_algo is {algo!r}; only NVFP4 converts (FP8 comes later)")
     if quantization.get("kv_cache_quant_algo") is not None:
-        raise ValueError(f"convert: {where}: a quantized kv cache ({quantization['kv_cache_quant_algo']}) does not convert")
+        kv_cache = quantization["kv_cache_quant_algo"]
+        raise ValueError(f"convert: {where}: a quantized kv cache ({kv_cache}) does not convert")
     size = quantization.get("group_size")
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"convert: {where}: no valid group_size: {size!r}")
@@ -267,7 +269,8 @@ def read_quant_settings(fmt: Format, config: dict | None, hf_quant_config: dict 
     if section is None:
         return None
     if section.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"convert: config.json: quant_method is {section.get('quant_method')!r}, not compressed-tensors")
+        method = section.get("quant_method")
+        raise ValueError(f"convert: config.json: quant_method is {method!r}, not compressed-tensors")
     return _compressed_tensors_settings(section, "config.json quantization_config")
 
 
@@ -287,10 +290,11 @@ def translate_ignore(ignore: Sequence[str], source: Format, target: Format, modu
     (which no wildcard can express in general) becomes the names of ``modules`` it matches.
     """
     translated: list[str] = []
+    direction = (source.name, target.name)
     for entry in ignore:
-        if (source.name, target.name) == (MODELOPT.name, COMPRESSED_TENSORS.name) and any(char in entry for char in "*?["):
+        if direction == (MODELOPT.name, COMPRESSED_TENSORS.name) and any(char in entry for char in "*?["):
             translated.append("re:" + fnmatch.translate(entry))
-        elif (source.name, target.name) == (COMPRESSED_TENSORS.name, MODELOPT.name) and entry.startswith("re:"):
+        elif direction == (COMPRESSED_TENSORS.name, MODELOPT.name) and entry.startswith("re:"):
             pattern = re.compile(entry[3:])  # compressed-tensors matches with re.match
             translated.extend(name for name in modules if pattern.match(name))
         else:
@@ -333,7 +337,8 @@ def modelopt_configs(settings: QuantSettings, producer: Mapping[str, str]) -> tu
             "exclude_modules": list(settings.ignore),
         },
     }
-    group = {"input_activations": _args(settings.group_size), "weights": _args(settings.group_size), "targets": ["Linear"]}
+    args = _args(settings.group_size)
+    group = {"input_activations": args, "weights": dict(args), "targets": ["Linear"]}
     section = {
         "config_groups": {"group_0": group},
         "ignore": list(settings.ignore),

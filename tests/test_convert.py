@@ -79,7 +79,8 @@ def write_checkpoint(directory: Path, state: dict[str, torch.Tensor], hf_quant: 
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    quantization = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["lm_head"]}
+    quantization = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16}
+    quantization["exclude_modules"] = ["lm_head"]
     hf_quant = hf_quant or {"producer": {"name": "modelopt", "version": "0"}, "quantization": quantization}
     (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4))
     (directory / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}, indent=2))
@@ -121,7 +122,8 @@ def test_renames_refuse_scales_outside_nvfp4_members(suffix):
     state = modelopt_state()
     renames = find_renames(state, MODELOPT, COMPRESSED_TENSORS)
     stray = f"model.layers.0.mlp.down_proj.{suffix}"
-    for keys, source, target in [(state, MODELOPT, COMPRESSED_TENSORS), (renames.values(), COMPRESSED_TENSORS, MODELOPT)]:
+    directions = [(state, MODELOPT, COMPRESSED_TENSORS), (renames.values(), COMPRESSED_TENSORS, MODELOPT)]
+    for keys, source, target in directions:
         with pytest.raises(ValueError, match=rf"'{stray}' is a quantization scale outside any NVFP4 member"):
             find_renames([*keys, stray], source, target)
 
@@ -199,7 +201,8 @@ def test_the_record_lives_in_the_shard_metadata_and_leaves_on_the_way_back(tmp_p
     convert_checkpoint(source, tmp_path / "b", "compressed-tensors")
     with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as handle:
         metadata = handle.metadata()
-    assert metadata["format"] == "pt" and list(json.loads(metadata[ORIGINALS_KEY])) == [f"{MEMBERS[0]}.weight_global_scale"]
+    assert metadata["format"] == "pt"
+    assert list(json.loads(metadata[ORIGINALS_KEY])) == [f"{MEMBERS[0]}.weight_global_scale"]
     convert_checkpoint(tmp_path / "b", tmp_path / "a2", "modelopt")
     with safe_open(str(tmp_path / "a2" / "model.safetensors"), "pt") as handle:
         assert handle.metadata() == {"format": "pt"}
@@ -217,7 +220,8 @@ def test_configs_are_rewritten_for_each_target(tmp_path):
     hf_quant = json.loads((tmp_path / "a2" / "hf_quant_config.json").read_text())
     assert hf_quant["quantization"] == json.loads((source / "hf_quant_config.json").read_text())["quantization"]
     config = json.loads((tmp_path / "a2" / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "modelopt" and config["quantization_config"]["ignore"] == ["lm_head"]
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
 
 
 def test_the_cli_lists_the_scales_whose_reciprocal_does_not_invert(tmp_path, capsys):

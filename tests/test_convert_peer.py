@@ -111,7 +111,8 @@ def modelopt_dequantize(state: dict[str, torch.Tensor], fqn: str) -> torch.Tenso
 def ct_decompress(directory: Path) -> dict[str, torch.Tensor]:
     """Every member of a compressed-tensors checkpoint through its NVFP4 compressor, with the scheme from its config."""
     state = load_file(directory / "model.safetensors")
-    config = QuantizationConfig.model_validate(json.loads((directory / "config.json").read_text())["quantization_config"])
+    section = json.loads((directory / "config.json").read_text())["quantization_config"]
+    config = QuantizationConfig.model_validate(section)
     (scheme,) = config.config_groups.values()
     out = {}
     for fqn in members(state, ".weight_packed"):
@@ -181,7 +182,8 @@ def test_compressed_tensors_export_dequantizes_in_modelopt_to_the_same_weights(c
     convert_checkpoint(ct_export, tmp_path / "mo", "modelopt")
     converted = load_file(tmp_path / "mo" / "model.safetensors")
     hf_quant = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
-    assert hf_quant == {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["lm_head"]}
+    expected = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["lm_head"]}
+    assert hf_quant == expected
     decompressed = ct_decompress(ct_export)
     assert sorted(decompressed) == members(converted, ".weight_scale_2") and len(decompressed) == 14
     for fqn, weight in decompressed.items():
