@@ -21,7 +21,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -414,10 +415,7 @@ def reconcile_checkpoint(
     if out is None:
         raise CheckpointError("reconcile: --out is required unless --dry-run")
     out = Path(out)
-    _check_out(checkpoint, out, force)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        shutil.copymode(checkpoint.root, staging)  # mkdtemp makes it private; the output should not be
+    with staged_output(checkpoint, out, force) as staging:
         _copy_inputs(checkpoint, staging, progress)
         writer = _Writer(checkpoint, staging)
         _apply(checkpoint, result, writer, progress)
@@ -425,12 +423,26 @@ def reconcile_checkpoint(
         target = staging / checkpoint.path.name if checkpoint.path.is_file() else staging
         if not inspect_checkpoint(target, patterns).consistent:
             raise RuntimeError(f"reconcile: the written checkpoint in {staging} still has mismatched groups")
+    result.out = out
+    return result
+
+
+@contextmanager
+def staged_output(checkpoint: Checkpoint, out: Path, force: bool) -> Iterator[Path]:
+    """A staging directory beside ``out``, renamed to ``out`` when the block ends and removed if it raises.
+
+    Raises:
+        CheckpointError: ``out`` overlaps the input, exists without ``force``, or has no parent.
+    """
+    _check_out(checkpoint, out, force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        shutil.copymode(checkpoint.root, staging)  # mkdtemp makes it private; the output should not be
+        yield staging
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    result.out = out
-    return result
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

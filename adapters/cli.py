@@ -1,4 +1,4 @@
-"""The ``sharedquant`` command: ``inspect``, ``reconcile`` and ``demo``.
+"""The ``sharedquant`` command: ``inspect``, ``reconcile``, ``convert`` and ``demo``.
 
 Exit status: 0 when every fused group is consistent (``inspect``) or the job is done,
 1 when ``inspect`` finds a mismatched group (with ``--fail-above R``: a weight-scale
@@ -24,6 +24,7 @@ from sharedquant.core.formats import DEFAULT_PATTERNS
 from sharedquant.core.groups import compile_patterns
 
 from .checkpoint import Reconciliation, inspect_checkpoint, reconcile_checkpoint
+from .convert import conversion_lines, convert_checkpoint
 from .report import exceeding, format_summary, format_table, inspection_json, summary_line
 
 __all__ = ["format_table", "inspection_json", "main", "summary_line"]  # the walkthrough notebook imports these here
@@ -115,6 +116,16 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    progress = Progress(sys.stderr, "convert")
+    try:
+        result = convert_checkpoint(args.path, args.out, args.to, force=args.force, progress=progress)
+    finally:
+        progress.close()
+    print("\n".join(conversion_lines(result, every=args.all)))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # builds models: imported only when asked for
 
@@ -140,7 +151,7 @@ def _ratio(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (sub-commands ``inspect``, ``reconcile``, ``demo``)."""
+    """The argument parser (sub-commands ``inspect``, ``reconcile``, ``convert``, ``demo``)."""
     parser = argparse.ArgumentParser(
         prog="sharedquant",
         description="Find and repair fused NVFP4 groups (q/k/v, gate/up, w1/w3) whose members disagree "
@@ -148,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 done (inspect: every group consistent), 1 inspect found a mismatched group "
         "(or a ratio above --fail-above), 2 bad input",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,reconcile,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,reconcile,convert,demo}")
     patterns_help = "regexes over module names, capture groups = group key (replaces the defaults: %(default)s)"
     inspect = commands.add_parser("inspect", help="print every fused group's scales; exit 1 if any is mismatched")
     patterns = {"nargs": "+", "metavar": "REGEX", "type": _patterns, "default": list(DEFAULT_PATTERNS)}
@@ -167,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--force", action="store_true", help="replace an existing --out")
     reconcile.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     reconcile.set_defaults(func=_reconcile)
+    convert = commands.add_parser("convert", help="write a copy in the other NVFP4 layout; the values do not change")
+    convert.add_argument("path", metavar="PATH", help="the input checkpoint (never modified)")
+    convert.add_argument("--to", required=True, choices=["modelopt", "compressed-tensors"], help="the target layout")
+    convert.add_argument("--out", required=True, metavar="DIR", help="output directory (written beside, then renamed)")
+    convert.add_argument("--force", action="store_true", help="replace an existing --out")
+    convert.add_argument("--all", action="store_true", help="list every scale whose reciprocal does not invert")
+    convert.set_defaults(func=_convert)
     demo = commands.add_parser("demo", help="quantize two tiny models without sharing, inspect, reconcile, compare")
     demo.set_defaults(func=_demo)
     return parser
