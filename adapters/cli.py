@@ -45,34 +45,43 @@ def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] 
         inspection: what ``inspect_checkpoint`` returned.
         extra: optional member FQN -> {column title: text}, shown after the status.
     """
-    fmt = inspection.format
+    fmt = inspection.format  # None: groups in different formats, so the columns say what they hold
     titles = list(dict.fromkeys(title for columns in (extra or {}).values() for title in columns))
-    header = ["group", "member", fmt.scale] + ([fmt.input_scale] if fmt.input_scale else []) + ["ratio", "status"]
+    has_inputs = any(report.format is None or report.format.input_scale for report in inspection.reports)
+    has_inputs = has_inputs if fmt is None else bool(fmt.input_scale)
+    scale_title, input_title = (fmt.scale, fmt.input_scale) if fmt is not None else ("weight scale", "input scale")
+    header = ["group", "member", scale_title] + ([input_title] if has_inputs else []) + ["ratio", "status"]
     rows = [header + titles]
     for report in inspection.reports:
         status = "ok" if report.consistent else ("MISMATCH" if report.changed else "input mismatch")
         for position, member in enumerate(report.members):
             first = position == 0
             row = [report.group.parent if first else "", _short(member.fqn, report.group.parent), _scale(member.scale)]
-            row += [_scale(member.input_scale)] if fmt.input_scale else []
+            row += [_scale(member.input_scale)] if has_inputs else []
             row += [f"{report.ratio:.4f}x" if first else "", status if first else ""]
             rows.append(row + [(extra or {}).get(member.fqn, {}).get(title, "") for title in titles])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) + len(titles))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines + [summary_line(inspection)])
+    return "\n".join(lines + [summary_line(inspection), *(f"note: {note}" for note in inspection.notes)])
+
+
+def _format_names(inspection: Inspection) -> str:
+    if inspection.format is not None:
+        return inspection.format.name
+    return ", ".join(fmt.name for fmt in inspection.formats)
 
 
 def summary_line(inspection: Inspection) -> str:
     """One line: how many groups, how many mismatched, the worst ratio."""
     reports = inspection.reports
     if not reports:
-        return f"no fused groups found ({inspection.format.name} format)"
+        return f"no fused groups found ({_format_names(inspection)} format)"
     bad = [report for report in reports if not report.consistent]
     line = f"{len(reports)} fused groups, {len(reports) - len(bad)} consistent, {len(bad)} mismatched"
     if bad:
         worst = max(bad, key=lambda report: max(report.ratio, report.input_ratio))
         line += f" (worst {max(worst.ratio, worst.input_ratio):.3f}x in {worst.group.parent or '<root>'})"
-    return f"{line}; format {inspection.format.name}"
+    return f"{line}; format {_format_names(inspection)}"
 
 
 def inspection_json(inspection: Inspection) -> dict:
@@ -85,6 +94,7 @@ def inspection_json(inspection: Inspection) -> dict:
                 {"name": m.fqn, "scale": m.scale, "input_scale": m.input_scale, "block_size": m.block_size}
                 for m in report.members
             ],
+            "format": report.format.name if report.format is not None else None,
             "shared_scale": report.shared_scale,
             "shared_input_scale": report.shared_input_scale,
             "ratio": report.ratio,
@@ -96,10 +106,11 @@ def inspection_json(inspection: Inspection) -> dict:
     mismatched = [group for group in groups if not group["consistent"]]
     return {
         "path": str(inspection.path),
-        "format": fmt.name,
-        "scale_key": fmt.scale,
-        "input_scale_key": fmt.input_scale,
+        "format": _format_names(inspection),
+        "scale_key": fmt.scale if fmt is not None else None,
+        "input_scale_key": fmt.input_scale if fmt is not None else None,
         "groups": groups,
+        "notes": list(inspection.notes),
         "summary": {
             "groups": len(groups),
             "consistent": len(groups) - len(mismatched),
@@ -145,11 +156,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _change_lines(result: Reconciliation, verb: str) -> list[str]:
-    fmt, lines = result.inspection.format, []
+    lines = []
     for report in result.inspection.reports:
+        fmt = report.format
         for member in report.members:
             if member.fqn in report.changed:
-                action = f"{verb[0]} {member.fqn}" if fmt.packed else f"{verb[1]} {member.fqn}.{fmt.scale}"
+                action = f"{verb[0]} {member.fqn}" if fmt.requantizes else f"{verb[1]} {member.fqn}.{fmt.scale}"
                 lines.append(f"{action}: {_scale(member.scale)} -> {_scale(report.shared_scale)}")
             if member.fqn in report.input_changed:
                 shared = _scale(report.shared_input_scale)
@@ -203,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (sub-commands ``inspect``, ``reconcile``, ``demo``)."""
     parser = argparse.ArgumentParser(
         prog="sharedquant",
-        description="Find and repair fused NVFP4 groups (q/k/v, gate/up, w1/w3) whose members disagree "
-        "on the global scale.",
+        description="Find and repair fused groups (q/k/v, gate/up, w1/w3) of NVFP4, FP8 and INT8 checkpoints "
+        "whose members disagree on the per-tensor scale.",
         epilog="exit status: 0 done (inspect: every group consistent), 1 inspect found a mismatched group, 2 bad input",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,reconcile,demo}")
