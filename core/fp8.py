@@ -8,17 +8,18 @@ bits), so rounding it once more gives the correctly rounded result. float16, whi
 vLLM's load-time repair dequantizes through, would round the values first.
 
 Rounding is to nearest, ties to even, and out-of-range values saturate to +-448, as
-``values.clamp(-448, 448).to(torch.float8_e4m3fn)`` does; that cast alone does NOT
-saturate (it gives NaN above 464), and torch converts float64 to float8 through float32,
-which can double-round; so the e4m3 grid is rounded here in float64 and the cast only
-stores exact values.
+``values.clamp(-448, 448).to(torch.float8_e4m3fn)`` does. The clamp is explicit because
+what the bare cast does past 448 is not something to rely on (torch 2.13 on CPU saturates,
+even infinity; e4m3fn has no infinity, and other kernels give NaN). torch converts
+float64 to float8 through float32, which can double-round, so the e4m3 grid is rounded
+here in float64 and the cast only stores values already on it.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["E4M3_MAX", "fp8_requantize", "int8_requantize", "round_to_e4m3"]
+__all__ = ["E4M3_MAX", "fp8_quantize", "fp8_requantize", "int8_requantize", "round_to_e4m3"]
 
 E4M3_MAX = 448.0
 _E4M3_MIN_EXPONENT = -6  # below 2**-6 e4m3fn is subnormal: a fixed step of 2**-9
@@ -41,6 +42,11 @@ def round_to_e4m3(values: torch.Tensor) -> torch.Tensor:
     exponent = torch.clamp(exponent - 1, min=_E4M3_MIN_EXPONENT)
     step = torch.ldexp(torch.ones_like(values), (exponent - _E4M3_MANTISSA_BITS).to(torch.float64))
     return (torch.round(values / step) * step).to(torch.float8_e4m3fn)  # exact: every value is on the grid
+
+
+def fp8_quantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes of ``values / scale`` (float64 division, then ``round_to_e4m3``)."""
+    return round_to_e4m3(values.to(torch.float64) / scale.reshape(()).to(torch.float64))
 
 
 def _requantize(weight: torch.Tensor, scale: torch.Tensor, shared: torch.Tensor, store) -> torch.Tensor:
