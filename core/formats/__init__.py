@@ -25,6 +25,7 @@ __all__ = [
     "COMPRESSED_TENSORS_INT8",
     "DEFAULT_PATTERNS",
     "FORMATS",
+    "FP8_BLOCK",
     "FP8_PER_CHANNEL",
     "INT8_PER_CHANNEL",
     "MLA_PATTERN",
@@ -65,13 +66,16 @@ COMPRESSED_TENSORS_INT8 = INT8Format(
     name="compressed-tensors-int8", kind="INT8", family="compressed-tensors", **_PER_TENSOR
 )
 FP8_PER_CHANNEL = PerChannel(name="fp8-per-channel", kind="FP8", per_tensor=False, **_PER_TENSOR)
+FP8_BLOCK = PerChannel(
+    name="fp8-block", kind="FP8", per_tensor=False, **{**_PER_TENSOR, "scale": "weight_scale_inv"}
+)
 INT8_PER_CHANNEL = PerChannel(name="int8-per-channel", kind="INT8", per_tensor=False, **_PER_TENSOR)
 
 # Tried in order, the first that claims a module wins: the NVFP4 layouts name themselves by a
 # key of their own; FP8 and INT8 share names and are told apart by dtypes and shapes.
 FORMATS: tuple[Format, ...] = (
     QUANTIZER_STATE, COMPRESSED_TENSORS, MODELOPT, COMPRESSED_TENSORS_INT8, INT8_PER_CHANNEL,
-    MODELOPT_FP8, COMPRESSED_TENSORS_FP8, FP8_PER_CHANNEL,
+    MODELOPT_FP8, COMPRESSED_TENSORS_FP8, FP8_PER_CHANNEL, FP8_BLOCK,
 )  # fmt: skip
 # Keys only one NVFP4 layout has: a module holding those of two layouts is refused.
 _OWN_KEYS = {
@@ -116,7 +120,13 @@ def _modules(header: Iterable[str] | Mapping[str, Any]) -> dict[str, dict[str, A
             found = _member_of(key, _SUFFIXES)
             if found is not None:
                 modules.setdefault(found[0], {})[found[1]] = tensor_meta(entry)
-    return {fqn: entries for fqn, entries in modules.items() if any(s in entries for s in _IDENTIFYING)}
+    return {fqn: entries for fqn, entries in modules.items() if any(s in entries for s in _IDENTIFYING) or _fp8(entries)}
+
+
+def _fp8(entries: Mapping[str, Any]) -> bool:
+    """A float8 weight is quantized whatever scale keys survive beside it."""
+    meta = entries.get("weight")
+    return meta is not None and meta[0] == "F8_E4M3"
 
 
 def find_formats(header: Iterable[str] | Mapping[str, Any], family: str | None = None) -> dict[str, Format]:

@@ -5,9 +5,13 @@
 * ``compressed-tensors-fp8``: llm-compressor's ``float-quantized`` save: the same names,
   scales of shape ``(1,)``.
 * ``compressed-tensors-int8``: ``int-quantized``, symmetric: ``<m>.weight`` int8.
-* ``fp8-per-channel`` / ``int8-per-channel``: a weight scale per output row (or block). Each
-  row keeps its own scale when siblings are fused, so there is nothing to share: such
+* ``fp8-per-channel`` / ``int8-per-channel``: a weight scale per output row (or block), and
+  ``fp8-block``: DeepSeek-style ``<m>.weight_scale_inv`` per 128x128 block. Each row or
+  block keeps its own scale when siblings are fused, so there is nothing to share: such
   members are recognised and left alone.
+
+A float8_e4m3fn weight makes its module a member even without a scale, so a member that
+lost its ``weight_scale`` is refused by name instead of silently leaving its group.
 
 The weight dequantizes as ``weight * weight_scale``: a larger scale is coarser, so the group
 shares its maximum. Which tool wrote a per-tensor file is read from the config when there is
@@ -26,8 +30,11 @@ from .base import FLOATS, Format
 __all__ = ["FP8Format", "INT8Format", "PerChannel"]
 
 
-def _scale_numel(entries) -> int | None:
-    meta = entries.get("weight_scale")
+_BLOCK_SCALE = "weight_scale_inv"
+
+
+def _scale_numel(entries, key: str = "weight_scale") -> int | None:
+    meta = entries.get(key)
     return None if meta is None else int(torch.Size(meta[1]).numel())
 
 
@@ -53,7 +60,10 @@ class FP8Format(Format):
         return {**Format.dtypes(self), "packed": frozenset({"F8_E4M3"})}
 
     def claims(self, entries, family) -> bool:
-        if self.scale not in entries or "weight_scale_2" in entries or _weight_dtype(entries) in ("U8", "I8"):
+        fp8_weight = _weight_dtype(entries) == "F8_E4M3"
+        if _BLOCK_SCALE in entries or not (self.scale in entries or fp8_weight):
+            return False
+        if "weight_scale_2" in entries or _weight_dtype(entries) in ("U8", "I8"):
             return False
         if entries[self.scale] is not None and entries[self.scale][0] not in FLOATS:
             return False  # float8 or integer scales beside no other key: not a per-tensor FP8 layout
@@ -99,7 +109,7 @@ class PerChannel(Format):
 
     def claims(self, entries, family) -> bool:
         packed = "F8_E4M3" if self.kind == "FP8" else "I8"
-        numel = _scale_numel(entries)
+        numel = _scale_numel(entries, self.scale)
         scale = entries.get(self.scale)
         is_float = scale is not None and scale[0] in FLOATS
         return _weight_dtype(entries) == packed and numel is not None and numel > 1 and is_float
