@@ -65,8 +65,8 @@ class FP8Format(Format):
             return False
         if "weight_scale_2" in entries or _weight_dtype(entries) in ("U8", "I8"):
             return False
-        if entries[self.scale] is not None and entries[self.scale][0] not in FLOATS:
-            return False  # float8 or integer scales beside no other key: not a per-tensor FP8 layout
+        if not fp8_weight and entries.get(self.scale) is not None and entries[self.scale][0] not in FLOATS:
+            return False  # no float8 weight to vouch for it and a scale no per-tensor FP8 layout has
         return _scale_numel(entries) in (None, 1) and _family_of(entries, family) == self.family
 
     def requantize(
