@@ -145,7 +145,7 @@ def _show_fp8(directory: Path, floats: Mapping[str, torch.Tensor], stream: TextI
     changed = [fqn for report in before.reports for fqn in report.changed]
     errors = {fqn: fp8_member_errors(floats[fqn], exported, reconciled, fqn) for fqn in changed}
     extra = {fqn: {f"err {name}": f"{value:.2%}" for name, value in row.items()} for fqn, row in errors.items()}
-    stream.write("\n== tiny Llama, FP8 per-tensor: as exported, each layer with its own weight_scale ==\n")
+    stream.write("\n== tiny Llama, FP8 per-tensor: as exported, each layer with its own scale (sharedquant inspect) ==\n")
     stream.write(format_table(before) + "\n")
     stream.write("\n== tiny Llama, FP8: after sharedquant reconcile, errors vs the float weights ==\n")
     stream.write(format_table(inspect_checkpoint(directory / "reconciled"), extra) + "\n")
