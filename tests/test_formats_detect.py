@@ -124,3 +124,8 @@ def test_default_patterns_group_each_experts_gate_up_and_w1_w3(experts):
         [tuple(f"model.layers.0.{experts}.{e}.{p}" for p in ("gate_proj", "up_proj")) for e in (0, 1)]
         + [tuple(f"model.layers.1.{experts}.{e}.{p}" for p in ("w1", "w3")) for e in (0, 1)]
     )
+
+
+def test_int_pack_quantized_is_not_mistaken_for_nvfp4_or_fp8():
+    packed = {"weight_packed": ("I32", (64, 8)), "weight_scale": ("F32", (1,)), "weight_shape": ("I64", (2,))}
+    assert find_formats(header({Q: packed})) == {}

@@ -122,3 +122,19 @@ def test_the_cli_names_the_fp8_format_and_its_keys(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["group", "member", "weight_scale", "input_scale"]
     assert lines[-1].endswith("format compressed-tensors-fp8")
+
+
+def test_int8_per_tensor_from_llm_compressor_is_reconciled_with_ties_to_even(tmp_path):
+    source = FIXTURES / "llmcompressor_int8"  # int-quantized, symmetric, one scale per tensor
+    before = inspect_checkpoint(source)
+    assert before.format.name == "compressed-tensors-int8" and not before.consistent
+    reconcile_checkpoint(source, tmp_path / "out")
+    old, new = load_file(source / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for report in before.reports:
+        for fqn in report.changed:
+            exact = old[f"{fqn}.weight"].double() * old[f"{fqn}.weight_scale"].double() / report.shared_scale
+            floor = exact.floor()
+            tie_up = (exact - floor == 0.5) & (floor % 2 == 1)  # ties go to the even neighbour
+            expected = torch.where((exact - floor > 0.5) | tie_up, floor + 1, floor).clamp(-128, 127)
+            assert torch.equal(new[f"{fqn}.weight"], expected.to(torch.int8)) and new[f"{fqn}.weight"].dtype == torch.int8
+    assert inspect_checkpoint(tmp_path / "out").consistent

@@ -92,16 +92,17 @@ class ModeloptNVFP4(NVFP4Format):
 
 
 class CompressedTensorsNVFP4(NVFP4Format):
-    """compressed-tensors' ``nvfp4-pack-quantized``: ``weight_global_scale`` or ``weight_packed``
-    beside float8 block scales (MXFP4 packs beside uint8 exponents, with no per-tensor scale)."""
+    """compressed-tensors' ``nvfp4-pack-quantized``: ``weight_global_scale``, or a uint8
+    ``weight_packed`` beside float8 block scales."""
 
     __slots__ = ()
 
     def claims(self, entries, family) -> bool:
         if self.scale in entries or self.input_scale in entries:
             return True
-        blocks = entries.get(self.block_scale)
-        return self.packed in entries and (blocks is None or blocks[0] != "U8")
+        packed, blocks = entries.get(self.packed), entries.get(self.block_scale)
+        # int4/int8 pack-quantized packs into int32; MXFP4 keeps uint8 exponents: neither is NVFP4
+        return self.packed in entries and (packed is None or packed[0] == "U8") and (blocks is None or blocks[0] == "F8_E4M3")
 
 
 class QuantizerState(Format):

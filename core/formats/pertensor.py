@@ -63,7 +63,7 @@ class FP8Format(Format):
         fp8_weight = _weight_dtype(entries) == "F8_E4M3"
         if _BLOCK_SCALE in entries or not (self.scale in entries or fp8_weight):
             return False
-        if "weight_scale_2" in entries or _weight_dtype(entries) in ("U8", "I8"):
+        if "weight_scale_2" in entries or "weight_packed" in entries or _weight_dtype(entries) in ("U8", "I8"):
             return False
         if not fp8_weight and entries.get(self.scale) is not None and entries[self.scale][0] not in FLOATS:
             return False  # no float8 weight to vouch for it and a scale no per-tensor FP8 layout has
