@@ -72,7 +72,12 @@ class FP8Format(Format):
     def requantize(
         self, tensors: Mapping[str, torch.Tensor], shared: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], bool]:
-        return {"packed": fp8_requantize(tensors["packed"], tensors["scale"], shared), "scale": shared}, True
+        return {"packed": self.requantize_codes(tensors["packed"], tensors["scale"], shared), "scale": shared}, True
+
+    @staticmethod
+    def requantize_codes(weight: torch.Tensor, scale: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """The weight's codes quantized again with ``shared`` (exactly; see ``core.fp8``)."""
+        return fp8_requantize(weight, scale, shared)
 
 
 class INT8Format(FP8Format):
@@ -92,10 +97,9 @@ class INT8Format(FP8Format):
         if zero_point in header:
             raise ValueError(f"{zero_point!r}: asymmetric INT8 (with a zero point) is not supported")
 
-    def requantize(
-        self, tensors: Mapping[str, torch.Tensor], shared: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        return {"packed": int8_requantize(tensors["packed"], tensors["scale"], shared), "scale": shared}, True
+    @staticmethod
+    def requantize_codes(weight: torch.Tensor, scale: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        return int8_requantize(weight, scale, shared)
 
 
 class PerChannel(Format):
