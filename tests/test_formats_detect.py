@@ -4,7 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
+from sharedquant.adapters import checkpoint as ckpt
 from sharedquant.adapters.checkpoint import inspect_checkpoint, open_checkpoint
 from sharedquant.core.formats import (
     COMPRESSED_TENSORS,
@@ -129,3 +131,22 @@ def test_default_patterns_group_each_experts_gate_up_and_w1_w3(experts):
 def test_int_pack_quantized_is_not_mistaken_for_nvfp4_or_fp8():
     packed = {"weight_packed": ("I32", (64, 8)), "weight_scale": ("F32", (1,)), "weight_shape": ("I64", (2,))}
     assert find_formats(header({Q: packed})) == {}
+
+
+@pytest.mark.parametrize("name", ["modelopt_fp8", "llmcompressor_fp8", "llmcompressor_int8", "llmcompressor_nvfp4"])
+def test_inspect_reads_the_per_tensor_scales_and_no_weight(name, monkeypatch):
+    read = []
+
+    class Spy:
+        def __init__(self, path, framework):
+            self.inner = safe_open(path, framework)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(ckpt, "safe_open", Spy)
+    inspection = inspect_checkpoint(FIXTURES / name)
+    fmt = inspection.format
+    assert read and all(key.endswith((f".{fmt.scale}", f".{fmt.input_scale}")) for key in read)
+    assert not any(key.endswith(f".{fmt.packed}") for key in read)

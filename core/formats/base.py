@@ -128,7 +128,7 @@ class Format:
             key, (dtype, shape) = join_key(fqn, suffix), meta
             if dtype not in allowed[role]:
                 expected = " or ".join(sorted(allowed[role]))
-                raise ValueError(f"{key!r} is {dtype}; a {self.kind} {_ROLE_WORDS[role]} must be {expected}")
+                raise ValueError(f"{key!r} is {dtype}; a {self.name} {_ROLE_WORDS[role]} must be {expected}")
             if role in ("scale", "input_scale") and math.prod(shape) != 1:
                 raise ValueError(f"{key!r} has shape {list(shape)}; a per-tensor scale holds one value")
 

@@ -22,7 +22,7 @@ import torch
 
 from .. import reconcile  # module, not name: reconcile imports formats' types, so bind at call time
 from ..nvfp4 import nvfp4_global_scale
-from .base import FLOATS, Format, join_key, tensor_meta
+from .base import Format, join_key, tensor_meta
 
 __all__ = ["CompressedTensorsNVFP4", "ModeloptNVFP4", "NVFP4Format", "QuantizerState", "block_size"]
 
@@ -109,9 +109,6 @@ class QuantizerState(Format):
     """Calibration state: the per-tensor scale is the global amax itself; nothing is packed."""
 
     __slots__ = ()
-
-    def dtypes(self) -> dict[str, frozenset[str]]:
-        return {**Format.dtypes(self), "scale": FLOATS, "fallback": FLOATS}
 
     def claims(self, entries, family) -> bool:
         return self.scale in entries or self.fallback in entries
