@@ -51,6 +51,7 @@ def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] 
     has_inputs = has_inputs if fmt is None else bool(fmt.input_scale)
     scale_title, input_title = (fmt.scale, fmt.input_scale) if fmt is not None else ("weight scale", "input scale")
     header = ["group", "member", scale_title] + ([input_title] if has_inputs else []) + ["ratio", "status"]
+    header += ["format"] if fmt is None else []
     rows = [header + titles]
     for report in inspection.reports:
         status = "ok" if report.consistent else ("MISMATCH" if report.changed else "input mismatch")
@@ -59,6 +60,7 @@ def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] 
             row = [report.group.parent if first else "", _short(member.fqn, report.group.parent), _scale(member.scale)]
             row += [_scale(member.input_scale)] if has_inputs else []
             row += [f"{report.ratio:.4f}x" if first else "", status if first else ""]
+            row += [report.format.name if first else ""] if fmt is None else []
             rows.append(row + [(extra or {}).get(member.fqn, {}).get(title, "") for title in titles])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) + len(titles))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -81,7 +83,7 @@ def summary_line(inspection: Inspection) -> str:
     if bad:
         worst = max(bad, key=lambda report: max(report.ratio, report.input_ratio))
         line += f" (worst {max(worst.ratio, worst.input_ratio):.3f}x in {worst.group.parent or '<root>'})"
-    return f"{line}; format {_format_names(inspection)}"
+    return f"{line}; {'format' if inspection.format is not None else 'formats'} {_format_names(inspection)}"
 
 
 def inspection_json(inspection: Inspection) -> dict:

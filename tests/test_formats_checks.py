@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sharedquant.adapters.checkpoint import inspect_checkpoint, reconcile_checkpoint
-from sharedquant.adapters.cli import main
+from sharedquant.adapters.cli import format_table, main
 from sharedquant.adapters.demo import quantize_unshared, skew_siblings_
 from sharedquant.adapters.models import tiny_llama
 
@@ -118,6 +118,9 @@ def test_fp8_attention_and_nvfp4_mlp_are_reconciled_per_group(tmp_path):
         "model.layers.0.self_attn": "modelopt-fp8", "model.layers.1.self_attn": "modelopt-fp8",
         "model.layers.0.mlp": "modelopt", "model.layers.1.mlp": "modelopt",
     }  # fmt: skip
+    table = format_table(inspection).splitlines()
+    assert table[0].split()[-1] == "format" and table[-1].endswith("formats modelopt, modelopt-fp8")
+    assert [line.split()[-1] for line in table if line.startswith("model.layers.0")] == ["modelopt", "modelopt-fp8"]
     result = reconcile_checkpoint(checkpoint, tmp_path / "out")
     assert {fqn.split(".")[-1] for fqn in result.requantized} >= {"k_proj", "gate_proj"}
     after = inspect_checkpoint(tmp_path / "out")
