@@ -75,6 +75,7 @@ def test_the_config_names_the_tool():
     assert family_from_config({"quantization_config": {"quant_method": "modelopt"}}) == "modelopt"
     assert family_from_config({"architectures": ["LlamaForCausalLM"]}, {"producer": {"name": "modelopt"}}) == "modelopt"
     assert family_from_config({"architectures": ["LlamaForCausalLM"]}) is None
+    assert family_from_config({"quantization_config": "fp8"}) is None  # not the shape either tool writes
     config = json.loads((FIXTURES / "modelopt_fp8" / "config.json").read_text())
     assert family_from_config(config) == "modelopt"
 

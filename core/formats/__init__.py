@@ -105,7 +105,8 @@ def _member_of(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
 
 def family_from_config(config: Mapping[str, Any] | None, hf_quant_config: Mapping[str, Any] | None = None) -> str | None:
     """The tool that wrote a checkpoint, from its ``config.json`` and ``hf_quant_config.json`` (``None``: unsaid)."""
-    method = ((config or {}).get("quantization_config") or {}).get("quant_method")
+    quantization = (config or {}).get("quantization_config")
+    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
     if method in ("compressed-tensors", "modelopt"):
         return method
     return "modelopt" if hf_quant_config is not None else None
