@@ -1,10 +1,11 @@
-"""safetensors checkpoints on disk: inspect and reconcile the fused groups of an NVFP4 checkpoint.
+"""safetensors checkpoints on disk: inspect and reconcile the fused groups of a quantized checkpoint.
 
 The decisions are the core's (``core.formats``, ``core.reconcile``, ``core.groups``);
 this file only reads and writes files. What it guarantees:
 
-* ``inspect`` reads the shard headers and the per-tensor scale tensors, never packed
-  weights or block scales (block sizes come from the header shapes);
+* ``inspect`` reads the shard headers, ``config.json`` / ``hf_quant_config.json`` and the
+  per-tensor scale tensors, never weights or block scales (formats, dtypes and block sizes
+  come from the header); every member of a group must carry the tensors its format needs;
 * ``reconcile`` copies every shard as it is and overwrites, in the copy, only the
   bytes of the tensors that change (same dtype, same shape), one member at a time, so
   every other tensor and the safetensors metadata stay byte for byte; a shard that
@@ -31,9 +32,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members
-from sharedquant.core.groups import find_groups, in_role_order, join_fqn
-from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
+from sharedquant.core.formats import DEFAULT_PATTERNS, Format, detect_format, family_from_config, find_formats
+from sharedquant.core.groups import Group, find_groups, in_role_order, join_fqn
+from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
 
 __all__ = [
@@ -113,6 +114,7 @@ class Checkpoint:
 
     def __init__(self, path: Path, root: Path, shards: Sequence[str], index: dict | None) -> None:
         self.path, self.root, self.shards, self.index = path, root, tuple(shards), index
+        self.family = _read_family(path) if path.is_dir() else None
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
             for key, info in _read_header(root / shard, shard).items():
@@ -136,6 +138,19 @@ class Checkpoint:
     def release(self) -> None:
         """Drop the open shard maps, so the pages read so far stop counting against memory."""
         self._handles.clear()
+
+
+def _read_family(directory: Path) -> str | None:
+    """The tool that wrote a checkpoint directory, as its configs say (``core.formats.family_from_config``)."""
+    configs = []
+    for name in ("config.json", "hf_quant_config.json"):
+        try:
+            configs.append(json.loads((directory / name).read_text()) if (directory / name).is_file() else None)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{directory / name}: not valid JSON: {err}") from err
+    if not all(config is None or isinstance(config, dict) for config in configs):
+        raise CheckpointError(f"{directory}: config.json or hf_quant_config.json is not a JSON object")
+    return family_from_config(*configs)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -175,11 +190,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 @dataclass(frozen=True)
 class Inspection:
-    """What ``inspect`` found: the format and a report per fused group."""
+    """What ``inspect`` found: the format (``None`` when groups differ), a report per fused group,
+    and notes on what was recognised and left alone (per-channel scales)."""
 
     path: Path
-    format: Format
+    format: Format | None
     reports: tuple[GroupReport, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def formats(self) -> tuple[Format, ...]:
+        """The formats of the reported groups, each once, in order."""
+        return tuple(dict.fromkeys(report.format for report in self.reports if report.format is not None))
 
     @property
     def consistent(self) -> bool:
@@ -209,26 +231,44 @@ def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScale
         scale = round_up_to_fp32(reduce_amax(checkpoint.read(join_fqn(fqn, fmt.fallback)))).item()
     input_key = join_fqn(fqn, fmt.input_scale) if fmt.input_scale else None
     input_scale = _read_scalar(checkpoint, input_key) if input_key in keys else None
-    size = None
-    if fmt.packed is not None:
-        packed, blocks = join_fqn(fqn, fmt.packed), join_fqn(fqn, fmt.block_scale)
-        if packed not in keys or blocks not in keys:
-            lacks = f"{fmt.packed} or {fmt.block_scale}"
-            raise CheckpointError(f"{checkpoint.path}: {fqn!r} has {fmt.scale} but lacks {lacks}")
-        size = block_size(fqn, keys[packed].shape, keys[blocks].shape)
+    size = fmt.block_size(fqn, keys)
     return MemberScales(fqn=fqn, scale=scale, input_scale=input_scale, block_size=size, derived=derived)
 
 
+def _per_channel_note(groups: Sequence[Group], formats: dict[str, Format]) -> tuple[str, ...]:
+    if not groups:
+        return ()
+    kinds = "/".join(dict.fromkeys(formats[group.members[0]].kind for group in groups))
+    return (
+        f"{len(groups)} fused group(s) with per-channel {kinds} weight scales (e.g. {groups[0].parent!r}) "
+        "left as they are: each output row keeps its own scale when siblings are fused, so none is shared",
+    )
+
+
 def _inspect(checkpoint: Checkpoint, patterns: Sequence[str]) -> Inspection:
-    fmt = detect_format(checkpoint.tensors)
+    try:
+        formats = find_formats(checkpoint.tensors, checkpoint.family)
+        if not formats:
+            detect_format(checkpoint.tensors, checkpoint.family)  # raises, naming the keys it looks for
+    except ValueError as err:
+        raise CheckpointError(f"{checkpoint.path}: {err}") from err
     # members as their pattern names them (q, k, v), not as the sorted keys list them
-    names = sorted(find_members(checkpoint.tensors, fmt), key=_natural)
-    groups = in_role_order(find_groups(names, patterns), patterns)
+    groups = in_role_order(find_groups(sorted(formats, key=_natural), patterns), patterns)
+    per_channel = [g for g in groups if not any(formats[fqn].per_tensor for fqn in g.members)]
+    groups = [group for group in groups if group not in per_channel]
     members = {fqn for group in groups for fqn in group.members}
-    members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
-    scales = {fqn: _member_scales(checkpoint, fmt, fqn) for fqn in members}
+    for fqn in members:  # completeness and dtypes, from the header, before any tensor is read
+        try:
+            formats[fqn].check_member(fqn, checkpoint.tensors)
+        except ValueError as err:
+            raise CheckpointError(f"{checkpoint.path}: {err}") from err
+    members = sorted(members, key=lambda fqn: _location(checkpoint, formats[fqn], fqn))
+    scales = {fqn: _member_scales(checkpoint, formats[fqn], fqn) for fqn in members}
     checkpoint.release()
-    return Inspection(checkpoint.path, fmt, report_groups(groups, scales, fmt))
+    reports = report_groups(groups, scales, formats)
+    found = set(report.format for report in reports) or set(formats.values())
+    fmt = next(iter(found)) if len(found) == 1 else None
+    return Inspection(checkpoint.path, fmt, reports, _per_channel_note(per_channel, formats))
 
 
 def _natural(name: str) -> list:
@@ -317,16 +357,11 @@ class _Writer:
 
 
 def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
-    keys = {name: join_fqn(fqn, getattr(fmt, name)) for name in ("packed", "block_scale", "scale")}
-    quantized, exact = requantize(
-        checkpoint.read(keys["packed"]),
-        checkpoint.read(keys["block_scale"]),
-        weight_scale_2(checkpoint.read(keys["scale"]), fmt),
-        weight_scale_2(_scalar_like(shared, checkpoint.tensors[keys["scale"]]), fmt),
-    )
-    writer.patch(keys["packed"], quantized.packed)
-    writer.patch(keys["block_scale"], quantized.block_scale)
-    writer.patch_scalar(keys["scale"], shared)
+    keys = {role: join_fqn(fqn, getattr(fmt, role)) for role in fmt.required}
+    tensors = {role: checkpoint.read(key) for role, key in keys.items()}
+    new, exact = fmt.requantize(tensors, _scalar_like(shared, checkpoint.tensors[keys["scale"]]))
+    for role, tensor in new.items():
+        writer.patch(keys[role], tensor)
     return exact
 
 
@@ -340,14 +375,14 @@ def _set_scale(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, s
 
 def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, progress) -> None:
     """Fill ``result`` with the changes; apply them when there is a writer."""
-    fmt = result.inspection.format
     reports = result.inspection.reports
-    jobs = [(_location(checkpoint, fmt, fqn), report, fqn) for report in reports for fqn in report.changed]
+    jobs = [(_location(checkpoint, report.format, fqn), report, fqn) for report in reports for fqn in report.changed]
     jobs.sort(key=lambda job: job[0])
     for done, ((shard, _), report, fqn) in enumerate(jobs):
         if done and jobs[done - 1][0][0] != shard:
             checkpoint.release()  # one shard's pages at a time
-        if fmt.packed is None:
+        fmt = report.format
+        if not fmt.requantizes:
             result.scales_set.append(fqn)
             if writer is not None:
                 _set_scale(checkpoint, writer, fmt, fqn, report.shared_scale)
@@ -361,7 +396,7 @@ def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | Non
         for fqn in report.input_changed:
             result.inputs_unified.append(fqn)
             if writer is not None:
-                writer.patch_scalar(join_fqn(fqn, fmt.input_scale), report.shared_input_scale)
+                writer.patch_scalar(join_fqn(fqn, report.format.input_scale), report.shared_input_scale)
     checkpoint.release()
 
 

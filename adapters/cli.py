@@ -76,11 +76,12 @@ def _scale(value: float | None) -> str:
 
 
 def _change_lines(result: Reconciliation, verb: str) -> list[str]:
-    fmt, lines = result.inspection.format, []
+    lines = []
     for report in result.inspection.reports:
+        fmt = report.format
         for member in report.members:
             if member.fqn in report.changed:
-                action = f"{verb[0]} {member.fqn}" if fmt.packed else f"{verb[1]} {member.fqn}.{fmt.scale}"
+                action = f"{verb[0]} {member.fqn}" if fmt.requantizes else f"{verb[1]} {member.fqn}.{fmt.scale}"
                 lines.append(f"{action}: {_scale(member.scale)} -> {_scale(report.shared_scale)}")
             if member.fqn in report.input_changed:
                 shared = _scale(report.shared_input_scale)
@@ -154,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (sub-commands ``inspect``, ``reconcile``, ``convert``, ``demo``)."""
     parser = argparse.ArgumentParser(
         prog="sharedquant",
-        description="Find and repair fused NVFP4 groups (q/k/v, gate/up, w1/w3) whose members disagree "
-        "on the global scale.",
+        description="Find and repair fused groups (q/k/v, gate/up, w1/w3) of NVFP4, FP8 and INT8 checkpoints "
+        "whose members disagree on the per-tensor scale.",
         epilog="exit status: 0 done (inspect: every group consistent), 1 inspect found a mismatched group "
         "(or a ratio above --fail-above), 2 bad input",
     )

@@ -83,7 +83,7 @@ class _Job(NamedTuple):
 def _layouts(checkpoint: Checkpoint, to: str) -> tuple[Format, Format]:
     if to not in LAYOUTS:
         raise CheckpointError(f"convert: unknown layout {to!r}; expected one of {', '.join(LAYOUTS)}")
-    source, target = detect_format(checkpoint.tensors), LAYOUTS[to]
+    source, target = detect_format(checkpoint.tensors, checkpoint.family), LAYOUTS[to]
     if source.name == target.name:
         raise CheckpointError(f"{checkpoint.path}: already in the {to} layout; nothing to convert")
     if source.name not in LAYOUTS:

@@ -76,38 +76,63 @@ def format_table(
         extra: optional member FQN -> {column title: text}, shown after the status.
         closing: end with ``summary_line`` (``inspect --all`` follows the table with the summary instead).
     """
-    fmt = inspection.format
+    fmt = inspection.format  # None: groups in different formats, so the columns say what they hold
     if not inspection.reports:
-        return summary_line(inspection)
+        return "\n".join([summary_line(inspection), *_notes(inspection)])
     titles = list(dict.fromkeys(title for columns in (extra or {}).values() for title in columns))
-    inputs = ([fmt.input_scale], ["input ratio"]) if fmt.input_scale else ([], [])
-    rows = [["group", "member", fmt.scale, *inputs[0], "ratio", *inputs[1], "status", *titles]]
+    has_inputs = any(report.format.input_scale for report in inspection.reports)
+    scale_title, input_title = (fmt.scale, fmt.input_scale) if fmt is not None else ("weight scale", "input scale")
+    inputs = ([input_title], ["input ratio"]) if has_inputs else ([], [])
+    rows = [["group", "member", scale_title, *inputs[0], "ratio", *inputs[1], "status"]]
+    rows[0] += ["format"] if fmt is None else []
     for report in inspection.reports:
         for position, member in enumerate(report.members):
             first = position == 0
             mark = SHARED_MARK if report.changed and member.scale == report.shared_scale else ""
             row = [report.group.parent if first else "", _short(member.fqn, report.group.parent) + mark]
-            row += [_scale(member.scale)] + ([_scale(member.input_scale)] if fmt.input_scale else [])
+            row += [_scale(member.scale)] + ([_scale(member.input_scale)] if has_inputs else [])
             row += [format_ratio(report.ratio) if first else ""]
-            row += [format_ratio(report.input_ratio) if first else ""] if fmt.input_scale else []
+            row += [format_ratio(report.input_ratio) if first else ""] if has_inputs else []
             row += [_status(report) if first else ""]
+            row += [report.format.name if first else ""] if fmt is None else []
             rows.append(row + [(extra or {}).get(member.fqn, {}).get(title, "") for title in titles])
-    legend = f"{SHARED_MARK} holds the shared {fmt.scale}; reconcile gives it to the other members of its group"
-    return "\n".join(_columns(rows) + [legend] + ([summary_line(inspection)] if closing else []))
+    rows[0] += titles
+    shared = fmt.scale if fmt is not None else "per-tensor scale"
+    legend = f"{SHARED_MARK} holds the shared {shared}; reconcile gives it to the other members of its group"
+    closing_lines = [summary_line(inspection), *_notes(inspection)] if closing else []
+    return "\n".join(_columns(rows) + [legend] + closing_lines)
+
+
+def _notes(inspection: Inspection) -> list[str]:
+    return [f"note: {note}" for note in inspection.notes]
+
+
+def _format_names(inspection: Inspection) -> str:
+    if inspection.format is not None:
+        return inspection.format.name
+    return ", ".join(fmt.name for fmt in inspection.formats)
+
+
+def _rule_impacts(inspection: Inspection) -> tuple[RuleImpact, ...]:
+    """Each format's rules over its own groups (a checkpoint may mix formats per group)."""
+    by_format: dict = {}
+    for report in inspection.reports:
+        by_format.setdefault(report.format, []).append(report)
+    return tuple(impact for fmt, reports in by_format.items() for impact in find_rule_impacts(reports, fmt))
 
 
 def summary_line(inspection: Inspection) -> str:
     """One line: how many groups, how many mismatched, the worst ratio."""
     reports = inspection.reports
     if not reports:
-        return f"no fused groups found ({inspection.format.name} format)"
+        return f"no fused groups found ({_format_names(inspection)} format)"
     bad = [report for report in reports if not report.consistent]
     line = f"{len(reports)} fused groups, {len(reports) - len(bad)} consistent, {len(bad)} mismatched"
     if bad:
         worst = max(bad, key=lambda report: max(report.ratio, report.input_ratio))
         ratio = format_ratio(max(worst.ratio, worst.input_ratio))
         line += f" (worst {ratio} in {worst.group.parent or '<root>'})"
-    return f"{line}; format {inspection.format.name}"
+    return f"{line}; {'format' if inspection.format is not None else 'formats'} {_format_names(inspection)}"
 
 
 def exceeding(inspection: Inspection, fail_above: float | None) -> tuple[GroupReport, ...]:
@@ -144,26 +169,28 @@ def format_summary(inspection: Inspection, fail_above: float | None = None) -> s
     """The screen ``inspect`` leads with: per kind, the worst groups, each engine rule's consequence, the verdict."""
     fmt, reports = inspection.format, inspection.reports
     if not reports:
-        return summary_line(inspection)
-    lines = [f"{inspection.path}: {fmt.name} format, per-tensor scale {fmt.scale}", ""]
+        return "\n".join([summary_line(inspection), *_notes(inspection)])
+    scale = f"per-tensor scale {fmt.scale}" if fmt is not None else "per-tensor scales by group"
+    lines = [f"{inspection.path}: {_format_names(inspection)} format, {scale}", ""]
     lines += _kind_lines(summarize_kinds(reports))
     worst = worst_reports(reports, WORST)
     if worst:
         lines += ["", "worst groups:"]
-        ratios = [(f"  {format_ratio(r.ratio)}",) + ((f"input {format_ratio(r.input_ratio)}",) if fmt.input_scale else ())
-                  for r in worst]  # fmt: skip
+        ratios = [(f"  {format_ratio(r.ratio)}",) + ((f"input {format_ratio(r.input_ratio)}",) if r.format.input_scale
+                  else ()) for r in worst]  # fmt: skip
         lines += _columns([[*pair, r.group.parent or "<root>", group_kind(r.group)] for pair, r in zip(ratios, worst)])
-    lines += ["", *_rule_lines(find_rule_impacts(reports, fmt), fmt.name), ""]
+    lines += ["", *_rule_lines(_rule_impacts(inspection), _format_names(inspection)), ""]
     if fail_above is not None:
         over = exceeding(inspection, fail_above)
         lines.append(f"--fail-above {fail_above:g}: {len(over)} group(s) with a weight-scale ratio above it")
-    return "\n".join([*lines, summary_line(inspection)])
+    return "\n".join([*lines, summary_line(inspection), *_notes(inspection)])
 
 
 def _group_json(report: GroupReport) -> dict:
     return {
         "parent": report.group.parent,
         "kind": group_kind(report.group),
+        "format": report.format.name,
         "members": [
             {
                 "name": m.fqn,
@@ -218,9 +245,10 @@ def inspection_json(inspection: Inspection, fail_above: float | None = None) -> 
     mismatched = sum(1 for group in groups if not group["consistent"])
     return {
         "path": str(inspection.path),
-        "format": fmt.name,
-        "scale_key": fmt.scale,
-        "input_scale_key": fmt.input_scale,
+        "format": _format_names(inspection),
+        "scale_key": fmt.scale if fmt is not None else None,
+        "input_scale_key": fmt.input_scale if fmt is not None else None,
+        "notes": list(inspection.notes),
         "summary": {
             "groups": len(groups),
             "consistent": len(groups) - mismatched,
@@ -232,7 +260,7 @@ def inspection_json(inspection: Inspection, fail_above: float | None = None) -> 
             {"parent": r.group.parent, "kind": group_kind(r.group), "ratio": r.ratio, "input_ratio": r.input_ratio}
             for r in worst_reports(reports, WORST)
         ],
-        "rules": [_rule_json(impact) for impact in find_rule_impacts(reports, fmt)],
+        "rules": [_rule_json(impact) for impact in _rule_impacts(inspection)],
         "fail_above": fail_above,
         "exceeding": len(exceeding(inspection, fail_above)),
         "groups": groups,

@@ -142,7 +142,7 @@ def bad_index_values(unshared, tmp):
 def bad_unknown_format(unshared, tmp):
     (tmp / "ckpt").mkdir()
     save_file({"model.norm.weight": torch.ones(4)}, tmp / "ckpt" / "model.safetensors")
-    return tmp / "ckpt", "no key of a known NVFP4 format"
+    return tmp / "ckpt", "no key of a known quantized format"
 
 
 def bad_block_sizes(unshared, tmp):

@@ -239,7 +239,7 @@ def no_leftovers(parent: Path) -> bool:
 @pytest.mark.parametrize(
     "case, match",
     [
-        ("unknown", r"no key of a known NVFP4 format"),
+        ("unknown", r"no key of a known quantized format"),
         ("same", r"already in the modelopt layout; nothing to convert"),
         ("fp8", r"quant_algo is 'FP8'; only NVFP4 converts"),
         ("kv", r"a quantized kv cache \(FP8\) does not convert"),
