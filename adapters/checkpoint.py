@@ -20,10 +20,9 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import torch
@@ -32,9 +31,11 @@ from safetensors.torch import save_file
 
 from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members
 from sharedquant.core.groups import join_fqn
-from sharedquant.core.groups import find_groups
+from sharedquant.core.groups import compile_patterns, find_groups
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
+
+from .staging import is_staging, move_into_place, staging_directory
 
 __all__ = [
     "Checkpoint",
@@ -52,6 +53,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+_FUNCTION_PREFIX = re.compile(r"^[a-z_]+: ")  # "report_groups: ...": the core's messages name their function
 
 
 class CheckpointError(ValueError):
@@ -142,10 +144,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a ``.safetensors`` file, or a directory with ``model.safetensors`` or a sharded index.
 
     Raises:
-        CheckpointError: a missing or unreadable path, no model file in the directory, an
-            index that is not valid or names a missing shard, a truncated or corrupt shard.
+        CheckpointError: a missing or unreadable path, no model file in the directory or
+            both kinds (ambiguous), an index that is not valid or names a shard outside the
+            directory or a missing one, a truncated or corrupt shard, an unfinished
+            ``reconcile`` staging directory.
     """
     path = Path(path)
+    if path.is_dir() and is_staging(path):
+        raise CheckpointError(f"{path}: an unfinished reconcile staging directory, not a checkpoint")
+    return _open(path)
+
+
+def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
@@ -153,24 +163,54 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a regular file or directory")
     if (path / INDEX).is_file():
-        try:
-            index = json.loads((path / INDEX).read_text())
-            shards = list(dict.fromkeys(index["weight_map"].values()))
-            if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
-                raise ValueError("weight_map must map tensor names to shard file names")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index: {err!r}") from err
-        missing = [shard for shard in shards if not (path / shard).is_file()]
-        if missing:
-            raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
-        checkpoint = Checkpoint(path, path, shards, index)
-        for key, shard in index["weight_map"].items():
-            if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
-                raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
-        return checkpoint
+        # transformers would load model.safetensors and ignore the index; other tools the
+        # reverse: which tensors are "the checkpoint" is not ours to guess
+        if (path / SINGLE).exists():
+            raise CheckpointError(f"{path}: holds both {SINGLE} and {INDEX}; ambiguous, remove the one not meant")
+        return _open_index(path)
     if (path / SINGLE).exists():
         return Checkpoint(path, path, [SINGLE], None)
     raise CheckpointError(f"{path}: directory holds neither {SINGLE} nor {INDEX}")
+
+
+def _open_index(path: Path) -> Checkpoint:
+    try:
+        index = json.loads((path / INDEX).read_text())
+        shards = list(dict.fromkeys(index["weight_map"].values()))
+        if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
+            raise ValueError("weight_map must map tensor names to shard file names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path / INDEX}: not a valid safetensors index: {err!r}") from err
+    for shard in shards:
+        _check_shard_name(path, shard)
+    missing = [shard for shard in shards if not (path / shard).is_file()]
+    if missing:
+        raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
+    checkpoint = Checkpoint(path, path, shards, index)
+    for key, shard in index["weight_map"].items():
+        if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
+            raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
+    return checkpoint
+
+
+def _check_shard_name(root: Path, shard: str) -> None:
+    """Refuse a ``weight_map`` shard that is not a plain relative name of a file under ``root``.
+
+    Lexically: relative, normalised (no ``.``, ``..`` or empty parts, no backslash).
+    Resolved, symlinks followed: under ``root``, or, for a Hugging Face cache snapshot
+    (``<repo>/snapshots/<rev>``), under the repository's ``blobs/``, where the cache
+    keeps the files its snapshots link to. Reading stays inside; writes go to copies.
+    """
+    plain = PurePosixPath(shard)
+    normalised = bool(plain.parts) and str(plain) == shard and ".." not in plain.parts
+    if not normalised or plain.is_absolute() or "\\" in shard or "\0" in shard:
+        raise CheckpointError(f"{root / INDEX}: shard {shard!r} is not a plain relative file name in {root}")
+    allowed = [root.resolve()]
+    if root.resolve().parent.name == "snapshots":
+        allowed.append(root.resolve().parent.parent / "blobs")
+    target = (root / shard).resolve()
+    if not any(target.is_relative_to(base) for base in allowed):
+        raise CheckpointError(f"{root / INDEX}: shard {shard!r} resolves to {target}, outside {root}")
 
 
 @dataclass(frozen=True)
@@ -219,14 +259,48 @@ def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScale
     return MemberScales(fqn=fqn, scale=scale, input_scale=input_scale, block_size=size, derived=derived)
 
 
-def _inspect(checkpoint: Checkpoint, patterns: Sequence[str]) -> Inspection:
-    fmt = detect_format(checkpoint.tensors)
-    groups = find_groups(sorted(find_members(checkpoint.tensors, fmt), key=_natural), patterns)
-    members = {fqn for group in groups for fqn in group.members}
-    members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
-    scales = {fqn: _member_scales(checkpoint, fmt, fqn) for fqn in members}
-    checkpoint.release()
-    return Inspection(checkpoint.path, fmt, report_groups(groups, scales, fmt))
+def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], require_match: bool = False) -> Inspection:
+    try:
+        fmt = detect_format(checkpoint.tensors)
+        names = sorted(find_members(checkpoint.tensors, fmt), key=_natural)
+        if require_match:
+            _check_patterns_match(checkpoint, fmt, names, patterns)
+        groups = find_groups(names, patterns)
+        members = {fqn for group in groups for fqn in group.members}
+        members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
+        scales = {fqn: _member_scales(checkpoint, fmt, fqn) for fqn in members}
+        checkpoint.release()
+        return Inspection(checkpoint.path, fmt, report_groups(groups, scales, fmt))
+    except CheckpointError:
+        raise
+    except ValueError as err:  # the core names the function; a user needs the file
+        raise CheckpointError(f"{checkpoint.path}: {_FUNCTION_PREFIX.sub('', str(err))}") from err
+
+
+def _check_patterns_match(checkpoint: Checkpoint, fmt: Format, names: Sequence[str], patterns: Sequence[str]) -> None:
+    """Refuse a pattern that no quantized module's name matches: a typo would otherwise report "no groups"."""
+    for regex in compile_patterns(patterns, where="--patterns"):
+        if not any(regex.fullmatch(name) for name in names):
+            raise CheckpointError(f"{checkpoint.path}: --patterns {regex.pattern!r} matches no {fmt.name} module")
+
+
+def _check_representable(checkpoint: Checkpoint, inspection: Inspection) -> None:
+    """Refuse a group whose shared scale has no exact form in a member's stored dtype.
+
+    Scales are written back in their own dtype (fp16, bf16, fp32, fp64); a group mixing
+    dtypes can need a value that the narrower one rounds, and stay mismatched.
+    """
+    fmt = inspection.format
+    for report in inspection.reports:
+        wanted = [(fqn, fmt.scale, report.shared_scale) for fqn in report.changed]
+        wanted += [(fqn, fmt.input_scale, report.shared_input_scale) for fqn in report.input_changed]
+        for fqn, role, shared in wanted:
+            info = checkpoint.tensors.get(join_fqn(fqn, role))
+            if info is not None and _scalar_like(shared, info).item() != shared:
+                raise CheckpointError(
+                    f"{checkpoint.path}: {join_fqn(fqn, role)!r} is stored as {info.dtype}, which cannot hold "
+                    f"the group's shared {role} {shared!r} exactly; store the group's {role} in one dtype"
+                )
 
 
 def _natural(name: str) -> list:
@@ -241,14 +315,18 @@ def _location(checkpoint: Checkpoint, fmt: Format, fqn: str) -> tuple[int, int]:
     return checkpoint.position[info.shard], info.start
 
 
-def inspect_checkpoint(path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS) -> Inspection:
+def inspect_checkpoint(
+    path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS, *, require_match: bool = False
+) -> Inspection:
     """Report every fused group of a checkpoint, reading only its headers and scale tensors.
+
+    ``require_match`` refuses a pattern that matches no quantized module (user-given patterns).
 
     Raises:
         CheckpointError, ValueError: bad input (see ``open_checkpoint``; unknown format,
             mixed block sizes, a non-finite scale, a bad pattern).
     """
-    return _inspect(open_checkpoint(path), patterns)
+    return _inspect(open_checkpoint(path), patterns, require_match)
 
 
 @dataclass
@@ -387,6 +465,7 @@ def reconcile_checkpoint(
     force: bool = False,
     dry_run: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    require_match: bool = False,
 ) -> Reconciliation:
     """Write a copy of a checkpoint in which every fused group shares one scale.
 
@@ -398,6 +477,7 @@ def reconcile_checkpoint(
         dry_run: compute and return the changes, write nothing.
         progress: called as ``progress(done, total, what)`` after each copied file and each
             changed member.
+        require_match: refuse a pattern that matches no quantized module.
 
     Returns:
         A ``Reconciliation`` listing the changed members.
@@ -406,7 +486,8 @@ def reconcile_checkpoint(
         CheckpointError, ValueError: bad input; nothing is written.
     """
     checkpoint = open_checkpoint(path)
-    result = Reconciliation(inspection=_inspect(checkpoint, patterns))
+    result = Reconciliation(inspection=_inspect(checkpoint, patterns, require_match))
+    _check_representable(checkpoint, result.inspection)
     if dry_run:
         _apply(checkpoint, result, None, None)
         return result
@@ -414,30 +495,14 @@ def reconcile_checkpoint(
         raise CheckpointError("reconcile: --out is required unless --dry-run")
     out = Path(out)
     _check_out(checkpoint, out, force)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        shutil.copymode(checkpoint.root, staging)  # mkdtemp makes it private; the output should not be
+    with staging_directory(out, checkpoint.root) as staging:
         _copy_inputs(checkpoint, staging, progress)
         writer = _Writer(checkpoint, staging)
         _apply(checkpoint, result, writer, progress)
         writer.finish()
         target = staging / checkpoint.path.name if checkpoint.path.is_file() else staging
-        if not inspect_checkpoint(target, patterns).consistent:
-            raise RuntimeError(f"reconcile: the written checkpoint in {staging} still has mismatched groups")
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if not _inspect(_open(target), patterns).consistent:
+            raise RuntimeError(f"reconcile: the written copy of {checkpoint.path} still has mismatched groups")
+        move_into_place(staging, out)
     result.out = out
     return result
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished directory to ``out``; an old ``out`` (with --force) is moved aside first."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(staging, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, aside / "old")
-    os.replace(staging, out)
-    shutil.rmtree(aside, ignore_errors=True)
