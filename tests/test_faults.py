@@ -251,14 +251,14 @@ def test_a_killed_runs_staging_directory_is_removed_by_the_next_run_and_a_live_o
 
 @pytest.fixture(scope="module")
 def big(state, tmp_path_factory):
-    """The real fixture grown to ~45 MB: three more attention layers of 1024x2048 and a 32 MB tensor.
+    """The real fixture grown to ~40 MB: one more attention layer of 1024x2048 and a 32 MB tensor.
 
-    Their codes and block scales are random bytes (quantizing real weights this size takes
-    half a minute); k and v get other scales than q, so reconcile requantizes six of them.
+    Its codes and block scales are random bytes (quantizing real weights this size takes
+    half a minute); k and v get other scales than q, so reconcile requantizes them.
     """
     generator = torch.Generator().manual_seed(0)
     grown = dict(state)
-    for layer in range(1, 4):
+    for layer in (1,):
         for factor, role in enumerate(("q_proj", "k_proj", "v_proj"), start=2):
             fqn = f"model.layers.{layer}.self_attn.{role}"
             grown[f"{fqn}.weight"] = torch.randint(0, 256, (1024, 1024), dtype=torch.uint8, generator=generator)
@@ -272,39 +272,57 @@ def big(state, tmp_path_factory):
     return directory
 
 
-def start_and_catch(source: Path, out: Path) -> tuple[subprocess.Popen, Path]:
-    """Start ``reconcile`` in a subprocess; return once its staging directory exists."""
+def start(source: Path, out: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "sharedquant.adapters.cli", "reconcile", str(source), "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        found = [p for p in out.parent.glob(f".{out.name}.*.partial") if (p / staging.MARKER).is_file()]
-        if found:
-            return process, found[0]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def interrupted(big, tmp_path_factory):
+    """Three reconciles of ``big`` started at once (the start-up is most of their cost), each hit by
+    its signal as soon as its staging directory appears. Returns, per signal: the directory its
+    ``--out`` lay in, the input's tree before, the staging directory seen, status, stdout, stderr."""
+    before = tree(big)
+    runs = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        parent = tmp_path_factory.mktemp(signal.Signals(signum).name)
+        runs[signum] = {"parent": parent, "process": start(big, parent / "out"), "partial": None}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and any(job["partial"] is None for job in runs.values()):
+        for signum, job in runs.items():
+            if job["partial"] is None and job["process"].poll() is None:
+                found = [p for p in job["parent"].glob(".out.*.partial") if (p / staging.MARKER).is_file()]
+                if found:
+                    job["partial"] = found[0]
+                    job["process"].send_signal(signum)
+            elif job["partial"] is None:
+                job["partial"] = False  # ended before it was caught: the test says so
         time.sleep(0.002)
-    process.kill()
-    raise AssertionError(f"reconcile ended (status {process.wait()}) before its staging directory was seen")
+    for job in runs.values():
+        if job["partial"] is None:
+            job["process"].kill()
+        job["out"], job["err"] = job["process"].communicate(timeout=120)
+        job["status"], job["before"] = job["process"].returncode, before
+    return runs
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"])
-def test_sigint_and_sigterm_end_in_one_line_and_leave_nothing(big, tmp_path, signum, status):
-    before = tree(big)
-    process, partial = start_and_catch(big, tmp_path / "out")
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == status, err
-    assert err == f"sharedquant reconcile: interrupted by {signal.Signals(signum).name}\n" and out == ""
-    assert list(tmp_path.iterdir()) == [] and tree(big) == before
+def test_sigint_and_sigterm_end_in_one_line_and_leave_nothing(big, interrupted, signum, status):
+    job = interrupted[signum]
+    assert job["partial"], f"reconcile ended before its staging directory was seen: {job['err']}"
+    assert job["status"] == status, job["err"]
+    assert job["err"] == f"sharedquant reconcile: interrupted by {signal.Signals(signum).name}\n" and job["out"] == ""
+    assert list(job["parent"].iterdir()) == [] and tree(big) == job["before"]
 
 
-def test_after_sigkill_the_leftover_is_refused_as_input_and_removed_by_the_next_run(big, tmp_path, capsys):
-    process, partial = start_and_catch(big, tmp_path / "out")
-    process.kill()
-    process.wait(timeout=60)
+def test_after_sigkill_the_leftover_is_refused_as_input_and_removed_by_the_next_run(big, interrupted, capsys):
+    job = interrupted[signal.SIGKILL]
+    partial, parent = job["partial"], job["parent"]
+    assert partial and job["status"] == -signal.SIGKILL
     assert partial.is_dir() and (partial / staging.MARKER).is_file()
     assert run(capsys, "inspect", partial)[0] == 2
-    assert run(capsys, "reconcile", big, "--out", tmp_path / "out")[0] == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and run(capsys, "inspect", tmp_path / "out")[0] == 0
+    assert run(capsys, "reconcile", big, "--out", parent / "out")[0] == 0
+    assert [p.name for p in parent.iterdir()] == ["out"] and run(capsys, "inspect", parent / "out")[0] == 0
 
 
 # --- atomicity: --out is at every moment absent, the old one, or the complete new one
