@@ -22,7 +22,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,6 +35,7 @@ from sharedquant.core.groups import compile_patterns, find_groups
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
 
+from .layout import INDEX, SINGLE, CheckpointError, read_index
 from .staging import is_staging, move_into_place, staging_directory
 
 __all__ = [
@@ -47,17 +48,11 @@ __all__ = [
     "reconcile_checkpoint",
 ]
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 _FUNCTION_PREFIX = re.compile(r"^[a-z_]+: ")  # "report_groups: ...": the core's messages name their function
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk that cannot be read or written as asked; the message names the path."""
 
 
 class TensorInfo(NamedTuple):
@@ -174,43 +169,12 @@ def _open(path: Path) -> Checkpoint:
 
 
 def _open_index(path: Path) -> Checkpoint:
-    try:
-        index = json.loads((path / INDEX).read_text())
-        shards = list(dict.fromkeys(index["weight_map"].values()))
-        if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
-            raise ValueError("weight_map must map tensor names to shard file names")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{path / INDEX}: not a valid safetensors index: {err!r}") from err
-    for shard in shards:
-        _check_shard_name(path, shard)
-    missing = [shard for shard in shards if not (path / shard).is_file()]
-    if missing:
-        raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
+    index, shards = read_index(path)
     checkpoint = Checkpoint(path, path, shards, index)
     for key, shard in index["weight_map"].items():
         if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
             raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
     return checkpoint
-
-
-def _check_shard_name(root: Path, shard: str) -> None:
-    """Refuse a ``weight_map`` shard that is not a plain relative name of a file under ``root``.
-
-    Lexically: relative, normalised (no ``.``, ``..`` or empty parts, no backslash).
-    Resolved, symlinks followed: under ``root``, or, for a Hugging Face cache snapshot
-    (``<repo>/snapshots/<rev>``), under the repository's ``blobs/``, where the cache
-    keeps the files its snapshots link to. Reading stays inside; writes go to copies.
-    """
-    plain = PurePosixPath(shard)
-    normalised = bool(plain.parts) and str(plain) == shard and ".." not in plain.parts
-    if not normalised or plain.is_absolute() or "\\" in shard or "\0" in shard:
-        raise CheckpointError(f"{root / INDEX}: shard {shard!r} is not a plain relative file name in {root}")
-    allowed = [root.resolve()]
-    if root.resolve().parent.name == "snapshots":
-        allowed.append(root.resolve().parent.parent / "blobs")
-    target = (root / shard).resolve()
-    if not any(target.is_relative_to(base) for base in allowed):
-        raise CheckpointError(f"{root / INDEX}: shard {shard!r} resolves to {target}, outside {root}")
 
 
 @dataclass(frozen=True)

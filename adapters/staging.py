@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -73,9 +74,21 @@ def remove_stale(out: Path) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back inside: a directory is never made without its marker."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:  # a signal that came meanwhile is delivered here, once the marker is written
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _make(out: Path, suffix: str) -> Path:
-    directory = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
-    _write_marker(directory)
+    with _signals_deferred():
+        directory = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
+        _write_marker(directory)
     return directory
 
 
@@ -88,13 +101,14 @@ def staging_directory(out: Path, mode_from: Path) -> Iterator[Path]:
         mode_from: a directory whose permission bits the output takes (mkdtemp makes it private).
     """
     remove_stale(out)
-    staging = _make(out, ".partial")
+    staging = None
     try:
+        staging = _make(out, ".partial")
         shutil.copymode(mode_from, staging)
         yield staging
     finally:
         # BaseException included: KeyboardInterrupt and the CLI's SIGTERM exception land here
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
 
