@@ -358,12 +358,17 @@ class _Writer:
 
 def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
     keys = {name: join_fqn(fqn, getattr(fmt, name)) for name in ("packed", "block_scale", "scale")}
-    quantized, exact = requantize(
-        checkpoint.read(keys["packed"]),
-        checkpoint.read(keys["block_scale"]),
-        weight_scale_2(checkpoint.read(keys["scale"]), fmt),
-        weight_scale_2(_scalar_like(shared, checkpoint.tensors[keys["scale"]]), fmt),
-    )
+    try:
+        quantized, exact = requantize(
+            checkpoint.read(keys["packed"]),
+            checkpoint.read(keys["block_scale"]),
+            weight_scale_2(checkpoint.read(keys["scale"]), fmt),
+            weight_scale_2(_scalar_like(shared, checkpoint.tensors[keys["scale"]]), fmt),
+        )
+    except CheckpointError:
+        raise
+    except ValueError as err:  # the core names the function; a user needs the file and the member
+        raise CheckpointError(f"{checkpoint.path}: {fqn!r}: {_FUNCTION_PREFIX.sub('', str(err))}") from err
     writer.patch(keys["packed"], quantized.packed)
     writer.patch(keys["block_scale"], quantized.block_scale)
     writer.patch_scalar(keys["scale"], shared)

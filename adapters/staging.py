@@ -86,9 +86,9 @@ def _signals_deferred() -> Iterator[None]:
 
 
 def _make(out: Path, suffix: str) -> Path:
-    with _signals_deferred():
-        directory = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
-        _write_marker(directory)
+    """A marked directory beside ``out``; call it with signals deferred, and assign its result there too."""
+    directory = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
+    _write_marker(directory)
     return directory
 
 
@@ -103,32 +103,40 @@ def staging_directory(out: Path, mode_from: Path) -> Iterator[Path]:
     remove_stale(out)
     staging = None
     try:
-        staging = _make(out, ".partial")
+        with _signals_deferred():  # a signal is raised on the way out, once ``staging`` is set
+            staging = _make(out, ".partial")
         shutil.copymode(mode_from, staging)
         yield staging
     finally:
-        # BaseException included: KeyboardInterrupt and the CLI's SIGTERM exception land here
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        # BaseException included: KeyboardInterrupt and the CLI's SIGTERM exception land here;
+        # a signal during the removal waits for its end
+        with _signals_deferred():
+            if staging is not None and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def move_into_place(staging: Path, out: Path) -> None:
     """Rename the finished ``staging`` to ``out``; an old ``out`` (with --force) is moved aside first.
 
-    Two renames, so ``out`` is never half-written; between them it is absent for an
-    instant, and the old one then lies in a marked ``.old`` directory that the next run
-    removes if this one is killed there.
+    Renames only, with SIGINT and SIGTERM held back, so ``out`` is never half-written and a
+    signal finds it either the old or the new one; between the two renames it is absent
+    for an instant. The old one is deleted after, from a marked ``.old`` directory that the
+    next run removes if this one is killed first.
     """
-    (staging / MARKER).unlink()
-    if not (out.exists() or out.is_symlink()):
-        os.replace(staging, out)
-        return
-    aside = _make(out, ".old")
-    os.replace(out, aside / "old")
+    aside = None
     try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(aside / "old", out)  # the old output back where it was
-        raise
+        with _signals_deferred():
+            (staging / MARKER).unlink()
+            if out.exists() or out.is_symlink():
+                aside = _make(out, ".old")
+                os.replace(out, aside / "old")
+                try:
+                    os.replace(staging, out)
+                except OSError:
+                    os.replace(aside / "old", out)  # the old output back where it was
+                    raise
+            else:
+                os.replace(staging, out)
     finally:
-        shutil.rmtree(aside, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)

@@ -143,9 +143,18 @@ def core_message(state, tmp):
     return tmp / "ckpt", f"ckpt: '{ATTN}.k_proj' has a weight_scale_2 of -1.0"
 
 
-RECONCILE_ONLY = (mixed_scale_dtypes,)  # inspect reports such a group as mismatched, rightly
+def nan_block_scale(state, tmp):
+    blocks = state[f"{ATTN}.k_proj.weight_scale"].clone()
+    blocks.view(torch.uint8)[0, 0] = 0x7F  # float8_e4m3fn's NaN
+    (tmp / "ckpt").mkdir()
+    save_file({**state, f"{ATTN}.k_proj.weight_scale": blocks}, tmp / "ckpt" / ckpt.SINGLE)
+    return tmp / "ckpt", f"ckpt: '{ATTN}.k_proj': the member's dequantized weights are not finite"
+
+
+# inspect reads no block scale, and reports a group of mixed dtypes as mismatched, rightly
+RECONCILE_ONLY = (mixed_scale_dtypes, nan_block_scale)  # inspect reports such a group as mismatched, rightly
 BAD = [outside_relative, outside_absolute, nested_escape, dot_slash, symlink_outside, symlinked_subdirectory_outside,
-       single_file_and_index, mixed_scale_dtypes, leftover_staging, core_message]  # fmt: skip
+       single_file_and_index, mixed_scale_dtypes, leftover_staging, core_message, nan_block_scale]  # fmt: skip
 
 
 @pytest.mark.parametrize("make", BAD, ids=[make.__name__ for make in BAD])
