@@ -77,8 +77,10 @@ def remove_stale(out: Path) -> list[Path]:
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM held back inside: a directory is never made without its marker."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, and no SIGTERM to hold
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:  # a signal that came meanwhile is delivered here, once the marker is written

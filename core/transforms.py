@@ -40,7 +40,8 @@ def _check_non_negative(state_dict: Mapping[str, torch.Tensor], keys: Sequence[s
         if tensor.is_floating_point() and tensor.element_size() == 1:
             tensor = tensor.float()  # torch has no float8 comparison kernel
         if tensor.numel() and not tensor.is_meta and bool(tensor.lt(0).any()):
-            raise ValueError(f"unify_state_dict: {key!r} holds a negative amax ({tensor.min().item()}); an amax is a magnitude")
+            low = tensor.min().item()
+            raise ValueError(f"unify_state_dict: {key!r} holds a negative amax ({low}); an amax is a magnitude")
 
 
 def unify_state_dict(

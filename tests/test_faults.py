@@ -235,6 +235,8 @@ def test_patterns_before_path_and_repeated(state, tmp_path, capsys):
     assert len(json.loads(out)["groups"]) == 2
     status, _, err = run(capsys, "inspect", tmp_path / "ckpt", "--patterns", mlp, r"(.*)\.typo_proj")
     assert status == 2 and r"--patterns '(.*)\\.typo_proj' matches no modelopt module" in err
+    status, _, err = run(capsys, "inspect", "--patterns", mlp)
+    assert status == 2 and "the following arguments are required: PATH" in err
 
 
 # --- killed runs' leftovers
