@@ -20,7 +20,8 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -30,8 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members
-from sharedquant.core.groups import join_fqn
-from sharedquant.core.groups import compile_patterns, find_groups
+from sharedquant.core.groups import compile_patterns, find_groups, in_role_order, join_fqn
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
 
@@ -229,7 +229,8 @@ def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], require_match: boo
         names = sorted(find_members(checkpoint.tensors, fmt), key=_natural)
         if require_match:
             _check_patterns_match(checkpoint, fmt, names, patterns)
-        groups = find_groups(names, patterns)
+        # members as their pattern names them (q, k, v), not as the sorted keys list them
+        groups = in_role_order(find_groups(names, patterns), patterns)
         members = {fqn for group in groups for fqn in group.members}
         members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
         scales = {fqn: _member_scales(checkpoint, fmt, fqn) for fqn in members}
@@ -463,8 +464,7 @@ def reconcile_checkpoint(
     if out is None:
         raise CheckpointError("reconcile: --out is required unless --dry-run")
     out = Path(out)
-    _check_out(checkpoint, out, force)
-    with staging_directory(out, checkpoint.root) as staging:
+    with staged_output(checkpoint, out, force) as staging:
         _copy_inputs(checkpoint, staging, progress)
         writer = _Writer(checkpoint, staging)
         _apply(checkpoint, result, writer, progress)
@@ -472,6 +472,20 @@ def reconcile_checkpoint(
         target = staging / checkpoint.path.name if checkpoint.path.is_file() else staging
         if not _inspect(_open(target), patterns).consistent:
             raise RuntimeError(f"reconcile: the written copy of {checkpoint.path} still has mismatched groups")
-        move_into_place(staging, out)
     result.out = out
     return result
+
+
+@contextmanager
+def staged_output(checkpoint: Checkpoint, out: Path, force: bool) -> Iterator[Path]:
+    """A marked staging directory beside ``out``, renamed to ``out`` when the block ends, removed if it raises.
+
+    See ``adapters.staging``: signals, killed runs' leftovers, the atomic rename.
+
+    Raises:
+        CheckpointError: ``out`` overlaps the input, exists without ``force``, or has no parent.
+    """
+    _check_out(checkpoint, out, force)
+    with staging_directory(out, checkpoint.root) as staging:
+        yield staging
+        move_into_place(staging, out)
