@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,9 +32,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sharedquant.core.formats import DEFAULT_PATTERNS, Format, detect_format, family_from_config, find_formats
-from sharedquant.core.groups import Group, find_groups, in_role_order, join_fqn
+from sharedquant.core.groups import Group, compile_patterns, find_groups, in_role_order, join_fqn
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
+
+from .layout import INDEX, SINGLE, CheckpointError, read_index
+from .staging import is_staging, move_into_place, staging_directory
 
 __all__ = [
     "Checkpoint",
@@ -47,16 +49,11 @@ __all__ = [
     "reconcile_checkpoint",
 ]
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk that cannot be read or written as asked; the message names the path."""
+_FUNCTION_PREFIX = re.compile(r"^[a-z_]+: ")  # "report_groups: ...": the core's messages name their function
 
 
 class TensorInfo(NamedTuple):
@@ -157,10 +154,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a ``.safetensors`` file, or a directory with ``model.safetensors`` or a sharded index.
 
     Raises:
-        CheckpointError: a missing or unreadable path, no model file in the directory, an
-            index that is not valid or names a missing shard, a truncated or corrupt shard.
+        CheckpointError: a missing or unreadable path, no model file in the directory or
+            both kinds (ambiguous), an index that is not valid or names a shard outside the
+            directory or a missing one, a truncated or corrupt shard, an unfinished
+            ``reconcile`` staging directory.
     """
     path = Path(path)
+    if path.is_dir() and is_staging(path):
+        raise CheckpointError(f"{path}: an unfinished reconcile staging directory, not a checkpoint")
+    return _open(path)
+
+
+def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
@@ -168,24 +173,23 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a regular file or directory")
     if (path / INDEX).is_file():
-        try:
-            index = json.loads((path / INDEX).read_text())
-            shards = list(dict.fromkeys(index["weight_map"].values()))
-            if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
-                raise ValueError("weight_map must map tensor names to shard file names")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index: {err!r}") from err
-        missing = [shard for shard in shards if not (path / shard).is_file()]
-        if missing:
-            raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
-        checkpoint = Checkpoint(path, path, shards, index)
-        for key, shard in index["weight_map"].items():
-            if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
-                raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
-        return checkpoint
+        # transformers would load model.safetensors and ignore the index; other tools the
+        # reverse: which tensors are "the checkpoint" is not ours to guess
+        if (path / SINGLE).exists():
+            raise CheckpointError(f"{path}: holds both {SINGLE} and {INDEX}; ambiguous, remove the one not meant")
+        return _open_index(path)
     if (path / SINGLE).exists():
         return Checkpoint(path, path, [SINGLE], None)
     raise CheckpointError(f"{path}: directory holds neither {SINGLE} nor {INDEX}")
+
+
+def _open_index(path: Path) -> Checkpoint:
+    index, shards = read_index(path)
+    checkpoint = Checkpoint(path, path, shards, index)
+    for key, shard in index["weight_map"].items():
+        if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
+            raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
+    return checkpoint
 
 
 @dataclass(frozen=True)
@@ -245,30 +249,58 @@ def _per_channel_note(groups: Sequence[Group], formats: dict[str, Format]) -> tu
     )
 
 
-def _inspect(checkpoint: Checkpoint, patterns: Sequence[str]) -> Inspection:
+def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], require_match: bool = False) -> Inspection:
     try:
         formats = find_formats(checkpoint.tensors, checkpoint.family)
         if not formats:
             detect_format(checkpoint.tensors, checkpoint.family)  # raises, naming the keys it looks for
-    except ValueError as err:
-        raise CheckpointError(f"{checkpoint.path}: {err}") from err
-    # members as their pattern names them (q, k, v), not as the sorted keys list them
-    groups = in_role_order(find_groups(sorted(formats, key=_natural), patterns), patterns)
-    per_channel = [g for g in groups if not any(formats[fqn].per_tensor for fqn in g.members)]
-    groups = [group for group in groups if group not in per_channel]
-    members = {fqn for group in groups for fqn in group.members}
-    for fqn in members:  # completeness and dtypes, from the header, before any tensor is read
-        try:
+        names = sorted(formats, key=_natural)
+        if require_match:
+            _check_patterns_match(checkpoint, names, patterns)
+        # members as their pattern names them (q, k, v), not as the sorted keys list them
+        groups = in_role_order(find_groups(names, patterns), patterns)
+        per_channel = [g for g in groups if not any(formats[fqn].per_tensor for fqn in g.members)]
+        groups = [group for group in groups if group not in per_channel]
+        members = {fqn for group in groups for fqn in group.members}
+        for fqn in members:  # completeness and dtypes, from the header, before any tensor is read
             formats[fqn].check_member(fqn, checkpoint.tensors)
-        except ValueError as err:
-            raise CheckpointError(f"{checkpoint.path}: {err}") from err
-    members = sorted(members, key=lambda fqn: _location(checkpoint, formats[fqn], fqn))
-    scales = {fqn: _member_scales(checkpoint, formats[fqn], fqn) for fqn in members}
-    checkpoint.release()
-    reports = report_groups(groups, scales, formats)
+        members = sorted(members, key=lambda fqn: _location(checkpoint, formats[fqn], fqn))
+        scales = {fqn: _member_scales(checkpoint, formats[fqn], fqn) for fqn in members}
+        checkpoint.release()
+        reports = report_groups(groups, scales, formats)
+    except CheckpointError:
+        raise
+    except ValueError as err:  # the core names the function; a user needs the file
+        raise CheckpointError(f"{checkpoint.path}: {_FUNCTION_PREFIX.sub('', str(err))}") from err
     found = set(report.format for report in reports) or set(formats.values())
     fmt = next(iter(found)) if len(found) == 1 else None
     return Inspection(checkpoint.path, fmt, reports, _per_channel_note(per_channel, formats))
+
+
+def _check_patterns_match(checkpoint: Checkpoint, names: Sequence[str], patterns: Sequence[str]) -> None:
+    """Refuse a pattern that no quantized module's name matches: a typo would otherwise report "no groups"."""
+    for regex in compile_patterns(patterns, where="--patterns"):
+        if not any(regex.fullmatch(name) for name in names):
+            raise CheckpointError(f"{checkpoint.path}: --patterns {regex.pattern!r} matches no quantized module")
+
+
+def _check_representable(checkpoint: Checkpoint, inspection: Inspection) -> None:
+    """Refuse a group whose shared scale has no exact form in a member's stored dtype.
+
+    Scales are written back in their own dtype (fp16, bf16, fp32, fp64); a group mixing
+    dtypes can need a value that the narrower one rounds, and stay mismatched.
+    """
+    for report in inspection.reports:
+        fmt = report.format
+        wanted = [(fqn, fmt.scale, report.shared_scale) for fqn in report.changed]
+        wanted += [(fqn, fmt.input_scale, report.shared_input_scale) for fqn in report.input_changed]
+        for fqn, role, shared in wanted:
+            info = checkpoint.tensors.get(join_fqn(fqn, role))
+            if info is not None and _scalar_like(shared, info).item() != shared:
+                raise CheckpointError(
+                    f"{checkpoint.path}: {join_fqn(fqn, role)!r} is stored as {info.dtype}, which cannot hold "
+                    f"the group's shared {role} {shared!r} exactly; store the group's {role} in one dtype"
+                )
 
 
 def _natural(name: str) -> list:
@@ -283,14 +315,18 @@ def _location(checkpoint: Checkpoint, fmt: Format, fqn: str) -> tuple[int, int]:
     return checkpoint.position[info.shard], info.start
 
 
-def inspect_checkpoint(path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS) -> Inspection:
+def inspect_checkpoint(
+    path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS, *, require_match: bool = False
+) -> Inspection:
     """Report every fused group of a checkpoint, reading only its headers and scale tensors.
+
+    ``require_match`` refuses a pattern that matches no quantized module (user-given patterns).
 
     Raises:
         CheckpointError, ValueError: bad input (see ``open_checkpoint``; unknown format,
             mixed block sizes, a non-finite scale, a bad pattern).
     """
-    return _inspect(open_checkpoint(path), patterns)
+    return _inspect(open_checkpoint(path), patterns, require_match)
 
 
 @dataclass
@@ -359,7 +395,12 @@ class _Writer:
 def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
     keys = {role: join_fqn(fqn, getattr(fmt, role)) for role in fmt.required}
     tensors = {role: checkpoint.read(key) for role, key in keys.items()}
-    new, exact = fmt.requantize(tensors, _scalar_like(shared, checkpoint.tensors[keys["scale"]]))
+    try:
+        new, exact = fmt.requantize(tensors, _scalar_like(shared, checkpoint.tensors[keys["scale"]]))
+    except CheckpointError:
+        raise
+    except ValueError as err:  # the core names the function; a user needs the file and the member
+        raise CheckpointError(f"{checkpoint.path}: {fqn!r}: {_FUNCTION_PREFIX.sub('', str(err))}") from err
     for role, tensor in new.items():
         writer.patch(keys[role], tensor)
     return exact
@@ -424,6 +465,7 @@ def reconcile_checkpoint(
     force: bool = False,
     dry_run: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    require_match: bool = False,
 ) -> Reconciliation:
     """Write a copy of a checkpoint in which every fused group shares one scale.
 
@@ -435,6 +477,7 @@ def reconcile_checkpoint(
         dry_run: compute and return the changes, write nothing.
         progress: called as ``progress(done, total, what)`` after each copied file and each
             changed member.
+        require_match: refuse a pattern that matches no quantized module.
 
     Returns:
         A ``Reconciliation`` listing the changed members.
@@ -443,7 +486,8 @@ def reconcile_checkpoint(
         CheckpointError, ValueError: bad input; nothing is written.
     """
     checkpoint = open_checkpoint(path)
-    result = Reconciliation(inspection=_inspect(checkpoint, patterns))
+    result = Reconciliation(inspection=_inspect(checkpoint, patterns, require_match))
+    _check_representable(checkpoint, result.inspection)
     if dry_run:
         _apply(checkpoint, result, None, None)
         return result
@@ -456,36 +500,22 @@ def reconcile_checkpoint(
         _apply(checkpoint, result, writer, progress)
         writer.finish()
         target = staging / checkpoint.path.name if checkpoint.path.is_file() else staging
-        if not inspect_checkpoint(target, patterns).consistent:
-            raise RuntimeError(f"reconcile: the written checkpoint in {staging} still has mismatched groups")
+        if not _inspect(_open(target), patterns).consistent:
+            raise RuntimeError(f"reconcile: the written copy of {checkpoint.path} still has mismatched groups")
     result.out = out
     return result
 
 
 @contextmanager
 def staged_output(checkpoint: Checkpoint, out: Path, force: bool) -> Iterator[Path]:
-    """A staging directory beside ``out``, renamed to ``out`` when the block ends and removed if it raises.
+    """A marked staging directory beside ``out``, renamed to ``out`` when the block ends, removed if it raises.
+
+    See ``adapters.staging``: signals, killed runs' leftovers, the atomic rename.
 
     Raises:
         CheckpointError: ``out`` overlaps the input, exists without ``force``, or has no parent.
     """
     _check_out(checkpoint, out, force)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        shutil.copymode(checkpoint.root, staging)  # mkdtemp makes it private; the output should not be
+    with staging_directory(out, checkpoint.root) as staging:
         yield staging
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished directory to ``out``; an old ``out`` (with --force) is moved aside first."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(staging, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, aside / "old")
-    os.replace(staging, out)
-    shutil.rmtree(aside, ignore_errors=True)
+        move_into_place(staging, out)
