@@ -28,8 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .convert_configs import QuantSettings, compressed_tensors_config, modelopt_configs, read_quant_settings
-from .convert_configs import translate_ignore
+from .convert_configs import (  # re-exported: the configs are part of this module's interface
+    QuantSettings,
+    compressed_tensors_config,
+    modelopt_configs,
+    read_quant_settings,
+    translate_ignore,
+)
 from .formats import COMPRESSED_TENSORS, COMPRESSED_TENSORS_FP8, MODELOPT, MODELOPT_FP8, Format, find_members
 from .groups import join_fqn
 
@@ -64,7 +69,7 @@ ORIGINALS_KEY = "sharedquant.convert.originals"
 _ROLES = ("packed", "block_scale", "scale", "input_scale")
 _WHY_NOT = {
     "INT8": "modelopt exports INT8 only with a scale per output channel: no per-tensor layout to convert to",
-    "FP8": "only FP8 with one weight scale per tensor converts; a scale per channel or block has no modelopt FP8 twin",
+    "FP8": "only FP8 with one weight scale per tensor converts, not a scale per channel or per block",
 }
 
 
