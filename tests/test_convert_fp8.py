@@ -171,7 +171,7 @@ def _dynamic_inputs(name, data):
     "source, to, edit, config, match",
     [
         (CT_INT8, "modelopt", None, None, r"holds compressed-tensors-int8 \(INT8\); modelopt exports INT8 only with"),
-        (CT_FP8, "modelopt", _per_channel, None, r"holds fp8-per-channel \(FP8\); only FP8 with one weight scale per tensor"),
+        (CT_FP8, "modelopt", _per_channel, None, r"holds fp8-per-channel \(FP8\); only FP8 with one weight scale"),
         (CT_FP8, "modelopt", _block, None, r"holds fp8-block \(FP8\); only FP8 with one weight scale per tensor"),
         (CT_FP8, "compressed-tensors", None, None, r"already in the compressed-tensors layout; nothing to convert"),
         (CT_FP8, "modelopt", _drop("input_scale"), None, rf"'{Q}' has no input_scale; weight-only FP8 does not"),
