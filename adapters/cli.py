@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--force", action="store_true", help="replace an existing --out")
     reconcile.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     reconcile.set_defaults(func=_reconcile)
-    convert_help = "write a copy in the other NVFP4 layout; the values do not change"
+    convert_help = "write a copy in the other layout (NVFP4, FP8 per-tensor); the values do not change"
     convert = commands.add_parser("convert", parents=[common], help=convert_help)
     convert.add_argument("path", metavar="PATH", help="the input checkpoint (never modified)")
     convert.add_argument("--to", required=True, choices=["modelopt", "compressed-tensors"], help="the target layout")

@@ -1,11 +1,12 @@
-"""Convert an NVFP4 checkpoint between the modelopt and compressed-tensors layouts, shard by shard.
+"""Convert an NVFP4 or FP8 per-tensor checkpoint between the modelopt and compressed-tensors layouts, shard by shard.
 
 The mapping is the core's (``core.convert``); this file only reads and writes files. What it
 guarantees:
 
 * the same shards, in the same order, with the same tensors at the same offsets: each shard's
   data is copied as it is and only the per-tensor scales are overwritten (their reciprocals
-  have the same size), its header rewritten with the new names and scale shapes;
+  have the same size; FP8 scales keep their bytes), its header rewritten with the new names
+  and scale shapes;
 * the index follows the renames; ``config.json``'s ``quantization_config`` and
   ``hf_quant_config.json`` are rewritten for the target; every other file is copied;
 * output goes to a staging directory beside ``--out`` (``checkpoint.staged_output``) and is
@@ -19,26 +20,25 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from sharedquant.core.convert import (
-    LAYOUTS,
     ORIGINALS_KEY,
-    QuantSettings,
     compressed_tensors_config,
     convert_scale,
     find_renames,
+    find_target,
     modelopt_configs,
     read_originals,
     read_quant_settings,
     translate_ignore,
     write_originals,
 )
-from sharedquant.core.formats import MODELOPT, Format, block_size, detect_format, find_members
+from sharedquant.core.formats import Format, block_size, detect_format, find_formats
 from sharedquant.core.groups import join_fqn
 
 from .checkpoint import INDEX, Checkpoint, CheckpointError, open_checkpoint, staged_output
@@ -54,7 +54,7 @@ class Conversion:
 
     Attributes:
         source, target: the layouts.
-        members: the NVFP4 modules converted.
+        members: the modules converted (NVFP4 or FP8, ``source.kind``).
         renamed: how many tensors changed name.
         inexact: ``(source key, relative error)`` of each scale whose reciprocal does not
             invert in its dtype; its source bytes are recorded in the shard metadata, so
@@ -81,33 +81,41 @@ class _Job(NamedTuple):
 
 
 def _layouts(checkpoint: Checkpoint, to: str) -> tuple[Format, Format]:
-    if to not in LAYOUTS:
-        raise CheckpointError(f"convert: unknown layout {to!r}; expected one of {', '.join(LAYOUTS)}")
-    source, target = detect_format(checkpoint.tensors, checkpoint.family), LAYOUTS[to]
-    if source.name == target.name:
-        raise CheckpointError(f"{checkpoint.path}: already in the {to} layout; nothing to convert")
-    if source.name not in LAYOUTS:
-        raise CheckpointError(f"{checkpoint.path}: holds {source.name}, not packed NVFP4 weights; nothing to convert")
-    return source, target
+    source = detect_format(checkpoint.tensors, checkpoint.family)
+    try:
+        return source, find_target(source, to)
+    except ValueError as err:
+        raise CheckpointError(f"{checkpoint.path}: {err}") from err
 
 
 def _check_members(checkpoint: Checkpoint, source: Format, members: tuple[str, ...]) -> int | None:
-    """The one block size of every member; refuses codes not uint8, block scales not float8, no input scale."""
+    """The one block size of every member (``None``: FP8); refuses wrong dtypes or shapes, or no input scale."""
     sizes = set()
     for fqn in members:
-        packed = checkpoint.tensors[join_fqn(fqn, source.packed)]
-        blocks = checkpoint.tensors[join_fqn(fqn, source.block_scale)]
-        if (packed.dtype, blocks.dtype) != ("U8", "F8_E4M3"):
-            got = f"{source.packed} {packed.dtype}, {source.block_scale} {blocks.dtype}"
-            expected = "expected U8 codes, F8_E4M3 blocks"
-            raise CheckpointError(f"{checkpoint.path}: {fqn!r} is not NVFP4 ({expected}; got {got})")
-        if join_fqn(fqn, source.input_scale) not in checkpoint.tensors:  # both configs describe W4A4 NVFP4
+        if source.kind == "NVFP4":
+            sizes.add(_nvfp4_block_size(checkpoint, source, fqn))
+        else:
+            try:
+                source.check_member(fqn, checkpoint.tensors)
+            except ValueError as err:
+                raise CheckpointError(f"{checkpoint.path}: {err}") from err
+        if join_fqn(fqn, source.input_scale) not in checkpoint.tensors:  # both configs describe static inputs
             lacks = f"{fqn!r} has no {source.input_scale}"
-            raise CheckpointError(f"{checkpoint.path}: {lacks}; weight-only NVFP4 does not convert")
-        sizes.add(block_size(fqn, packed.shape, blocks.shape))
+            raise CheckpointError(f"{checkpoint.path}: {lacks}; weight-only {source.kind} does not convert")
     if len(sizes) > 1:
         raise CheckpointError(f"{checkpoint.path}: members have different block sizes {sorted(sizes)}")
     return sizes.pop() if sizes else None
+
+
+def _nvfp4_block_size(checkpoint: Checkpoint, source: Format, fqn: str) -> int:
+    """The block size of one NVFP4 member; refuses codes not uint8 or block scales not float8."""
+    packed = checkpoint.tensors[join_fqn(fqn, source.packed)]
+    blocks = checkpoint.tensors[join_fqn(fqn, source.block_scale)]
+    if (packed.dtype, blocks.dtype) != ("U8", "F8_E4M3"):
+        got = f"{source.packed} {packed.dtype}, {source.block_scale} {blocks.dtype}"
+        expected = "expected U8 codes, F8_E4M3 blocks"
+        raise CheckpointError(f"{checkpoint.path}: {fqn!r} is not NVFP4 ({expected}; got {got})")
+    return block_size(fqn, packed.shape, blocks.shape)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -189,9 +197,9 @@ def _config_texts(checkpoint: Checkpoint, result: Conversion, block: int | None)
     modules = [key[: -len(".weight")] for key in checkpoint.tensors if key.endswith(".weight")]
     modules = [name for name in modules if name not in member_set]
     ignore = translate_ignore(settings.ignore, result.source, result.target, modules)
-    settings = QuantSettings(settings.group_size, ignore)
+    settings = replace(settings, ignore=ignore)
     texts = {}
-    if result.target.name == MODELOPT.name:
+    if result.target.family == "modelopt":
         producer = {"name": "sharedquant", "version": importlib.metadata.version("sharedquant")}
         hf_quant_config, section = modelopt_configs(settings, producer)
         texts[HF_QUANT_CONFIG] = json.dumps(hf_quant_config, indent=4)
@@ -221,7 +229,7 @@ def convert_checkpoint(
     force: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Conversion:
-    """Write a copy of an NVFP4 checkpoint in the other layout; the values do not change.
+    """Write a copy of an NVFP4 or FP8 per-tensor checkpoint in the other layout; the values do not change.
 
     Args:
         path: the input checkpoint (file or directory); never modified.
@@ -235,12 +243,12 @@ def convert_checkpoint(
 
     Raises:
         CheckpointError, ValueError: bad input (unknown layout, already in the target layout,
-            not NVFP4, a config that disagrees); nothing is written.
+            neither NVFP4 nor FP8 per-tensor, a config that disagrees); nothing is written.
     """
     checkpoint = open_checkpoint(path)
     source, target = _layouts(checkpoint, to)
     renames = find_renames(checkpoint.tensors, source, target)
-    members = find_members(checkpoint.tensors, source)
+    members = tuple(find_formats(checkpoint.tensors, checkpoint.family))  # detect_format: all of them are source
     block = _check_members(checkpoint, source, members)
     scales = {join_fqn(fqn, role) for fqn in members for role in (source.scale, source.input_scale)}
     job = _Job(renames, frozenset(scales & checkpoint.tensors.keys()))
@@ -272,7 +280,8 @@ def conversion_lines(result: Conversion, every: bool = False) -> list[str]:
         every: list every such scale, not only the ten with the largest error.
     """
     lines = [
-        f"converted {len(result.members)} NVFP4 members from {result.source.name} to {result.target.name} "
+        f"converted {len(result.members)} {result.source.kind} members "
+        f"from {result.source.name} to {result.target.name} "
         f"({result.renamed} tensors renamed); written to {result.out}"
     ]
     configs = f"configs written: {', '.join(result.configs)}" if result.configs else None

@@ -241,7 +241,7 @@ def no_leftovers(parent: Path) -> bool:
     [
         ("unknown", r"no key of a known quantized format"),
         ("same", r"already in the modelopt layout; nothing to convert"),
-        ("fp8", r"quant_algo is 'FP8'; only NVFP4 converts"),
+        ("fp8", r"quant_algo is 'FP8', but the tensors are NVFP4"),
         ("kv", r"a quantized kv cache \(FP8\) does not convert"),
         ("group", r"the config says group_size 32, the tensors 16"),
         ("codes", r"is not NVFP4 \(expected U8 codes"),
