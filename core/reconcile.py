@@ -5,7 +5,9 @@ engines that meet a mismatched group take the coarsest scale and keep every memb
 codes and block scales ("max without rescaling"), which multiplies the finer members'
 weights by the mismatch ratio. Reconciling instead gives every member the coarsest
 scale and requantizes the members whose scale changed: dequantize with their own
-scales, quantize again with the shared one, both through ``core.nvfp4``.
+scales, quantize again with the shared one, both through ``core.nvfp4``. That path stays
+as the reference; members stored as uint8 codes and float8 block scales take
+``core.requant``'s byte lookups, equal to it bit for bit.
 
 The shared value is *chosen* among the members' stored values, never recomputed, so
 the member that holds it is left bit for bit as it was. Nothing here reads a file.
