@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import lifecycle, reductions
+from . import lifecycle, nvfp4_speed, reductions
 from .models import Size, peer_available
 
 HERE = Path(__file__).resolve().parent
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     reduce_rows = reductions.run(
         elements, fp8_elements, repeats=max(repeats, 3), device=device, with_peer=with_peer, isolate=not args.quick
     )
+    nvfp4_size = 256 if args.quick else 4096
+    nvfp4_rows = nvfp4_speed.run(nvfp4_size, nvfp4_size, repeats=max(repeats, 3), device=device, with_peer=with_peer)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = args.out.with_suffix(".png")
     _plot(steps, plot)
@@ -162,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         "## reduce_amax",
         "",
         *_reduction_table(reduce_rows),
+        "",
+        "## NVFP4 quantize and requantize",
+        "",
+        *nvfp4_speed.table(nvfp4_rows),
         "",
     ]
     args.out.write_text("\n".join(text))

@@ -38,11 +38,11 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 _SCALE_MIN = 2.0**-9
 _E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# Midpoints between neighbouring E2M1 magnitudes. Ties go to the even code: the
-# midpoint rounds down where the code below is even (0.25 -> 0, 1.25 -> 1, 2.5 -> 2,
-# 5 -> 4) and up where the code above is even (0.75 -> 1, 1.75 -> 2, 3.5 -> 4).
-_TIES_DOWN = (0.25, 1.25, 2.5, 5.0)
-_TIES_UP = (0.75, 1.75, 3.5)
+# At a midpoint between neighbouring E2M1 magnitudes the even code wins: 0.25 -> 0,
+# 1.25 -> 1, 2.5 -> 2 and 5 -> 4 round down; 0.75 -> 1, 1.75 -> 2 and 3.5 -> 4 round up.
+# Elements quantized per step: a step's few fp32 temporaries stay in a core's L2 cache,
+# and a huge tensor's scratch memory stays bounded. Blocks never span steps.
+_CHUNK_ELEMENTS = 1 << 17
 
 
 class NVFP4Tensor(NamedTuple):
@@ -86,8 +86,8 @@ def nvfp4_global_scale(global_amax: torch.Tensor) -> torch.Tensor:
     return global_amax.float() / (E2M1_MAX * E4M3_MAX)
 
 
-def _encode(x: torch.Tensor, global_scale: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpacked 4-bit codes (uint8, same shape as ``x``) and fp8 block scales."""
+def _scaled_blocks(x: torch.Tensor, global_scale: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x / (block_scale * global_scale)`` as ``[..., C // block_size, block_size]``, and the fp8 block scales."""
     if x.dtype in _FLOAT8:  # torch has no float8 arithmetic; every float8 value is exact in fp32
         x = x.float()
     block_amax = reduce_block_amax(x, {-1: block_size}).float()
@@ -95,15 +95,39 @@ def _encode(x: torch.Tensor, global_scale: torch.Tensor, block_size: int) -> tup
     block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
     block_scale = block_scale.clamp(min=_SCALE_MIN, max=E4M3_MAX).to(torch.float8_e4m3fn)
     blocks = x.reshape(*x.shape[:-1], -1, block_size)
-    scaled = blocks / (block_scale.to(torch.float32) * global_scale).unsqueeze(-1)
+    return blocks / (block_scale.to(torch.float32) * global_scale).unsqueeze(-1), block_scale
+
+
+def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of ``scaled`` as whole numbers in its own float dtype.
+
+    The grid steps by 0.5 below 2, by 1 below 4 and by 2 above: in each range the code
+    is ``round(m / step) + offset`` with torch's round-half-even, which is ties-to-even
+    on the code. Rounding is monotone, so the smallest of the three candidates is the
+    one of the range ``m`` lies in. Only float arithmetic: on the CPU torch's compares
+    and ``where`` (bool tensors) cost several times an add.
+    """
     magnitude = scaled.abs()
-    ties_down = torch.tensor(_TIES_DOWN, dtype=magnitude.dtype, device=x.device)
-    ties_up = torch.tensor(_TIES_UP, dtype=magnitude.dtype, device=x.device)
-    code = torch.bucketize(magnitude, ties_down, out_int32=True) + torch.bucketize(
-        magnitude, ties_up, out_int32=True, right=True
-    )
-    code = code.to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
-    return code.reshape(x.shape), block_scale
+    code = torch.round(magnitude * 2)
+    code = torch.minimum(code, torch.round(magnitude).add_(2))
+    code = torch.clamp_max(torch.minimum(code, torch.round(magnitude * 0.5).add_(4)), 7)
+    # A negative value that rounds to zero keeps its sign (code 8); -0.0 does not.
+    code = code.sub_(torch.clamp_max(torch.sign(scaled), 0), alpha=8)
+    return code.nan_to_num_(nan=7.0)  # NaN saturates, as a search over the midpoints put it last
+
+
+def _encode(x: torch.Tensor, global_scale: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpacked 4-bit codes (uint8, same shape as ``x``) and fp8 block scales."""
+    scaled, block_scale = _scaled_blocks(x, global_scale, block_size)
+    return _e2m1_codes(scaled).to(torch.uint8).reshape(x.shape), block_scale
+
+
+def _encode_packed(x: torch.Tensor, global_scale: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes ``[..., C // 2]`` and fp8 block scales: the pair is summed before the one cast to bytes."""
+    scaled, block_scale = _scaled_blocks(x, global_scale, block_size)
+    code = _e2m1_codes(scaled)
+    packed = torch.add(code[..., 0::2], code[..., 1::2], alpha=16).to(torch.uint8)
+    return packed.reshape(*x.shape[:-1], x.shape[-1] // 2), block_scale
 
 
 def _decode(code: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -131,9 +155,20 @@ def nvfp4_quantize(x: torch.Tensor, global_amax, block_size: int = 16) -> NVFP4T
     """
     _check_input("nvfp4_quantize", x, block_size)
     global_scale = nvfp4_global_scale(_global_amax_tensor("nvfp4_quantize", global_amax, x.device))
-    code, block_scale = _encode(x, global_scale, block_size)
-    packed = code[..., 0::2] | (code[..., 1::2] << 4)
-    return NVFP4Tensor(packed, block_scale, global_scale)
+    step = max(1, _CHUNK_ELEMENTS // block_size)
+    if is_traced(x) or x.numel() <= step * block_size:
+        return NVFP4Tensor(*_encode_packed(x, global_scale, block_size), global_scale)
+    blocks = x.reshape(-1, block_size)
+    packed = torch.empty(blocks.shape[0], block_size // 2, dtype=torch.uint8, device=x.device)
+    block_scale = torch.empty(blocks.shape[0], 1, dtype=torch.float8_e4m3fn, device=x.device)
+    for start in range(0, blocks.shape[0], step):
+        part = slice(start, start + step)
+        packed[part], scales = _encode_packed(blocks[part], global_scale, block_size)
+        block_scale.view(torch.uint8)[part] = scales.view(torch.uint8)
+    shape = x.shape[:-1]
+    return NVFP4Tensor(
+        packed.reshape(*shape, x.shape[-1] // 2), block_scale.reshape(*shape, x.shape[-1] // block_size), global_scale
+    )
 
 
 @torch.no_grad()

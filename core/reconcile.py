@@ -5,7 +5,9 @@ engines that meet a mismatched group take the coarsest scale and keep every memb
 codes and block scales ("max without rescaling"), which multiplies the finer members'
 weights by the mismatch ratio. Reconciling instead gives every member the coarsest
 scale and requantizes the members whose scale changed: dequantize with their own
-scales, quantize again with the shared one, both through ``core.nvfp4``.
+scales, quantize again with the shared one, both through ``core.nvfp4``. That path stays
+as the reference; members stored as uint8 codes and float8 block scales take
+``core.requant``'s byte lookups, equal to it bit for bit.
 
 The shared value is *chosen* among the members' stored values, never recomputed, so
 the member that holds it is left bit for bit as it was. Nothing here reads a file.
@@ -22,6 +24,7 @@ import torch
 
 from .groups import Group
 from .nvfp4 import E2M1_MAX, E4M3_MAX, NVFP4Tensor, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
+from .requant import is_byte_layout, requant_tables, requantize_blocks
 
 if TYPE_CHECKING:  # formats' NVFP4 classes requantize through this module: no import back at run time
     from .formats import Format
@@ -214,6 +217,18 @@ def requantize(
             f"and {tuple(block_scale.shape)}"
         )
     global_amax, exact = global_amax_for(shared_scale_2)
+    if is_byte_layout(packed, block_scale):
+        tables = requant_tables(scale_2, global_amax, packed.device)
+        out_packed, out_scale = requantize_blocks(packed, block_scale, tables)
+    else:  # other block-scale dtypes, or blocks that split a byte: the reference decides (or refuses)
+        out_packed, out_scale = _requantize_reference(packed, block_scale, scale_2, global_amax)
+    return NVFP4Tensor(out_packed, out_scale, nvfp4_global_scale(global_amax)), exact
+
+
+def _requantize_reference(
+    packed: torch.Tensor, block_scale: torch.Tensor, scale_2: torch.Tensor, global_amax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``requantize`` as dequantize-then-quantize, in bounded row chunks: what the lookups must equal."""
     rows_packed = packed.reshape(-1, packed.shape[-1])
     rows_scale = block_scale.reshape(-1, block_scale.shape[-1])
     step = max(1, _CHUNK_ELEMENTS // (2 * packed.shape[-1]))
@@ -226,8 +241,7 @@ def requantize(
         quantized = nvfp4_quantize(values, global_amax, block_size=values.shape[-1] // rows_scale.shape[-1])
         out_packed[rows] = quantized.packed
         out_scale[rows] = quantized.block_scale.to(block_scale.dtype)
-    shared = nvfp4_global_scale(global_amax)
-    return NVFP4Tensor(out_packed.reshape(packed.shape), out_scale.reshape(block_scale.shape), shared), exact
+    return out_packed.reshape(packed.shape), out_scale.reshape(block_scale.shape)
 
 
 def dequantize_without_rescaling(

@@ -24,6 +24,8 @@ def test_quick_benchmark_writes_every_row(tmp_path, capsys):
     for case in ("float32 axis=None", "float32 per-row", "float32 per-column", "bfloat16 axis=None", "bfloat16 per-row",
                  "bfloat16 per-column", "float8_e4m3fn axis=None"):
         assert f"| {case} |" in text, f"missing reduce_amax row {case!r}"
+    for case in ("nvfp4_quantize bf16 256x256", "requantize 256x256, shared scale 2.5x"):
+        assert f"| {case} | " in text, f"missing NVFP4 row {case!r}"
     assert (tmp_path / "RESULTS.png").stat().st_size > 0
     assert "torch " in text and "machine:" in text
 
