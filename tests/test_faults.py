@@ -359,18 +359,32 @@ def observe(out: Path) -> dict[str, str] | None:
         os.close(fd)
 
 
-def watch_force_reconcile(source: Path, out: Path) -> tuple[dict, dict, list[dict]]:
-    """Reconcile ``source`` over an existing ``out`` with --force while a thread looks at ``out``."""
-    shutil.copytree(source, out)  # the "old output": any complete directory will do
-    old, seen, done = tree(out), [], threading.Event()
+def watch_force_reconcile(source: Path, out: Path, monkeypatch) -> tuple[dict, dict, list[dict]]:
+    """Reconcile ``source`` over an existing ``out`` with --force while a thread looks at ``out``.
+
+    Each byte patch is slowed down, so that the states between the copy and the finished
+    output last long enough for the watcher to see them, however fast the requantization.
+    """
+    shutil.copytree(source, out)  # the "old output": any complete directory that differs from both
+    (out / "stale.txt").write_text("the previous run's output")
+    patch = ckpt._Writer.patch
+
+    def slow_patch(self, key, tensor):
+        time.sleep(0.01)
+        patch(self, key, tensor)
+
+    monkeypatch.setattr(ckpt._Writer, "patch", slow_patch)
+    old, seen, done, looking = tree(out), [], threading.Event(), threading.Event()
 
     def watcher():
         while not done.is_set():
             if (look := observe(out)) is not None:
                 seen.append(look)
+                looking.set()
 
     thread = threading.Thread(target=watcher)
     thread.start()
+    looking.wait(10)  # a fast reconcile could otherwise finish before the watcher's first look
     try:
         ckpt.reconcile_checkpoint(source, out, force=True)
     finally:
@@ -379,8 +393,8 @@ def watch_force_reconcile(source: Path, out: Path) -> tuple[dict, dict, list[dic
     return old, tree(out), seen
 
 
-def test_force_replaces_out_atomically(big, tmp_path):
-    old, new, seen = watch_force_reconcile(big, tmp_path / "out")
+def test_force_replaces_out_atomically(big, tmp_path, monkeypatch):
+    old, new, seen = watch_force_reconcile(big, tmp_path / "out", monkeypatch)
     assert old != new and seen
     assert all(look in ({}, old, new) for look in seen)
 
@@ -396,5 +410,5 @@ def test_the_atomicity_check_catches_a_writer_that_writes_straight_into_out(big,
 
     monkeypatch.setattr(ckpt, "staging_directory", in_place)
     monkeypatch.setattr(ckpt, "move_into_place", lambda staging, out: None)
-    old, new, seen = watch_force_reconcile(big, tmp_path / "out")
+    old, new, seen = watch_force_reconcile(big, tmp_path / "out", monkeypatch)
     assert any(look not in ({}, old, new) for look in seen)
