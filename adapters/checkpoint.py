@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members
@@ -35,6 +35,10 @@ from sharedquant.core.groups import join_fqn
 from sharedquant.core.groups import find_groups
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
+
+from .sources import LocalSource, RemoteSource, SourceError, is_remote, open_remote
+
+Source = LocalSource | RemoteSource
 
 __all__ = [
     "Checkpoint",
@@ -68,16 +72,16 @@ class TensorInfo(NamedTuple):
     end: int
 
 
-def _read_header(path: Path, shard: str) -> dict[str, TensorInfo]:
+def _read_header(source: Source, shard: str) -> dict[str, TensorInfo]:
     """Parse and validate one shard's header; a truncated or corrupt file raises ``CheckpointError``."""
+    path = source.where(shard)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if length < 0 or length > min(size - 8, _MAX_HEADER):
-                raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupt header, {size} bytes)")
-            header = json.loads(handle.read(length))
+        size = source.size(shard)
+        prefix = source.read_range(shard, 0, 8) if size >= 8 else b""
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 0 or length > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupt header, {size} bytes)")
+        header = json.loads(source.read_range(shard, 8, 8 + length))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: cannot read safetensors header: {err}") from err
     if not isinstance(header, dict):
@@ -111,31 +115,38 @@ class Checkpoint:
         tensors: key -> ``TensorInfo``.
     """
 
-    def __init__(self, path: Path, root: Path, shards: Sequence[str], index: dict | None) -> None:
+    def __init__(
+        self, path: Path | str, root: Path, shards: Sequence[str], index: dict | None, source: Source | None = None
+    ) -> None:
         self.path, self.root, self.shards, self.index = path, root, tuple(shards), index
+        self.source = LocalSource(root) if source is None else source
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
-            for key, info in _read_header(root / shard, shard).items():
+            for key, info in _read_header(self.source, shard).items():
                 if self.tensors.setdefault(key, info) is not info:
                     raise CheckpointError(f"{root}: {key!r} is in two shards, {self.tensors[key].shard} and {shard}")
         self.position = {shard: position for position, shard in enumerate(self.shards)}
-        self._handles: dict[str, object] = {}
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.source, RemoteSource)
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor ``key``, read through ``safetensors.safe_open`` (only its own bytes)."""
+        """The tensor ``key``, read as its own byte range (nothing else of its shard)."""
         info = self.tensors[key]
-        handle = self._handles.get(info.shard)
         try:
-            if handle is None:
-                handle = self._handles[info.shard] = safe_open(str(self.root / info.shard), "pt")
-            tensor = handle.get_tensor(key)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{self.root / info.shard}: cannot read {key!r}: {err}") from err
-        return tensor
+            data = self.source.read_range(info.shard, info.start, info.end)
+        except OSError as err:
+            raise CheckpointError(f"{self.source.where(info.shard)}: cannot read {key!r}: {err}") from err
+        dtype = _DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{self.source.where(info.shard)}: {key!r} has dtype {info.dtype}, not read here")
+        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).reshape(info.shape)
 
     def release(self) -> None:
-        """Drop the open shard maps, so the pages read so far stop counting against memory."""
-        self._handles.clear()
+        """Close the open shards: reads hold no pages or connections past the shard they need."""
+        self.source.close()
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -145,6 +156,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         CheckpointError: a missing or unreadable path, no model file in the directory, an
             index that is not valid or names a missing shard, a truncated or corrupt shard.
     """
+    if is_remote(path):
+        return _open_remote(str(path))
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -153,24 +166,52 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a regular file or directory")
     if (path / INDEX).is_file():
-        try:
-            index = json.loads((path / INDEX).read_text())
-            shards = list(dict.fromkeys(index["weight_map"].values()))
-            if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
-                raise ValueError("weight_map must map tensor names to shard file names")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index: {err!r}") from err
+        index, shards = _load_index(lambda: (path / INDEX).read_text(), path / INDEX)
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
             raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
-        checkpoint = Checkpoint(path, path, shards, index)
-        for key, shard in index["weight_map"].items():
-            if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
-                raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
-        return checkpoint
+        return _check_index(Checkpoint(path, path, shards, index), path / INDEX)
     if (path / SINGLE).exists():
         return Checkpoint(path, path, [SINGLE], None)
     raise CheckpointError(f"{path}: directory holds neither {SINGLE} nor {INDEX}")
+
+
+def _load_index(read_text: Callable[[], str], where: object) -> tuple[dict, list[str]]:
+    """The parsed index and its shard names, in order of first mention."""
+    try:
+        index = json.loads(read_text())
+        shards = list(dict.fromkeys(index["weight_map"].values()))
+        if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
+            raise ValueError("weight_map must map tensor names to shard file names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        if isinstance(err, SourceError):
+            raise
+        raise CheckpointError(f"{where}: not a valid safetensors index: {err!r}") from err
+    return index, shards
+
+
+def _check_index(checkpoint: Checkpoint, where: object) -> Checkpoint:
+    for key, shard in checkpoint.index["weight_map"].items():
+        if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
+            raise CheckpointError(f"{where}: maps {key!r} to {shard}, which does not hold it")
+    return checkpoint
+
+
+def _open_remote(url: str) -> Checkpoint:
+    """A checkpoint at an ``hf://`` or ``http(s)://`` URL: the same layouts as on disk, read by range requests."""
+    source, name = open_remote(url)
+    root = Path(source.shown)  # only for messages: a remote checkpoint has no local root
+    if name is None:
+        name = INDEX if source.exists(INDEX) else SINGLE if source.exists(SINGLE) else None
+        if name is None:
+            raise CheckpointError(f"{source.shown}: holds neither {SINGLE} nor {INDEX}")
+    if not name.endswith(".json"):
+        return Checkpoint(url, root, [name], None, source)
+    index, shards = _load_index(lambda: source.read_text(name), source.where(name))
+    missing = [shard for shard in shards if not source.exists(shard)]
+    if missing:
+        raise CheckpointError(f"{source.where(name)}: names shard(s) that do not exist: {', '.join(missing)}")
+    return _check_index(Checkpoint(url, root, shards, index, source), source.where(name))
 
 
 @dataclass(frozen=True)
@@ -405,6 +446,11 @@ def reconcile_checkpoint(
     Raises:
         CheckpointError, ValueError: bad input; nothing is written.
     """
+    if is_remote(path) and not dry_run:  # the output is a copy: a 400 GB download is the user's call, not ours
+        raise CheckpointError(
+            f"{path}: reconcile writes a copy of a local checkpoint; download it first (e.g. "
+            "`hf download ORG/REPO --local-dir DIR`), then reconcile DIR; --dry-run works on a URL"
+        )
     checkpoint = open_checkpoint(path)
     result = Reconciliation(inspection=_inspect(checkpoint, patterns))
     if dry_run:
