@@ -15,6 +15,7 @@ this file only reads and writes files. What it guarantees:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -36,9 +37,11 @@ from sharedquant.core.groups import find_groups
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
 
+from .copying import Copier, Meter, tree_size
 from .sources import LocalSource, RemoteSource, SourceError, is_remote, open_remote
 
 Source = LocalSource | RemoteSource
+Progress = Callable[[str, int, int], None]  # (phase, bytes done, bytes in the run)
 
 __all__ = [
     "Checkpoint",
@@ -116,16 +119,28 @@ class Checkpoint:
     """
 
     def __init__(
-        self, path: Path | str, root: Path, shards: Sequence[str], index: dict | None, source: Source | None = None
+        self,
+        path: Path | str,
+        root: Path,
+        shards: Sequence[str],
+        index: dict | None,
+        source: Source | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.path, self.root, self.shards, self.index = path, root, tuple(shards), index
         self.source = LocalSource(root) if source is None else source
+        self.position = {shard: position for position, shard in enumerate(self.shards)}
         self.tensors: dict[str, TensorInfo] = {}
+        sizes = [self.source.size(shard) for shard in self.shards]
+        self.starts = dict(zip(self.shards, itertools.accumulate([0, *sizes])))  # each shard's place in the run
+        self.size = sum(sizes)
         for shard in self.shards:
             for key, info in _read_header(self.source, shard).items():
                 if self.tensors.setdefault(key, info) is not info:
-                    raise CheckpointError(f"{root}: {key!r} is in two shards, {self.tensors[key].shard} and {shard}")
-        self.position = {shard: position for position, shard in enumerate(self.shards)}
+                    where = self.source.where(shard)
+                    raise CheckpointError(f"{where}: {key!r} is in two shards, {self.tensors[key].shard} and {shard}")
+            if progress is not None:
+                progress("headers", self.starts[shard] + self.source.size(shard), self.size)
 
     @property
     def remote(self) -> bool:
@@ -149,20 +164,23 @@ class Checkpoint:
         self.source.close()
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, progress: Progress | None = None) -> Checkpoint:
     """Open a ``.safetensors`` file, or a directory with ``model.safetensors`` or a sharded index.
+
+    ``path`` may also be an ``hf://ORG/REPO[@REVISION]`` or ``http(s)://`` URL of any of these
+    (see ``adapters.sources``). ``progress`` is told of each shard header read.
 
     Raises:
         CheckpointError: a missing or unreadable path, no model file in the directory, an
             index that is not valid or names a missing shard, a truncated or corrupt shard.
     """
     if is_remote(path):
-        return _open_remote(str(path))
+        return _open_remote(str(path), progress)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
-        return Checkpoint(path, path.parent, [path.name], None)
+        return Checkpoint(path, path.parent, [path.name], None, progress=progress)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a regular file or directory")
     if (path / INDEX).is_file():
@@ -170,9 +188,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
             raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
-        return _check_index(Checkpoint(path, path, shards, index), path / INDEX)
+        return _check_index(Checkpoint(path, path, shards, index, progress=progress), path / INDEX)
     if (path / SINGLE).exists():
-        return Checkpoint(path, path, [SINGLE], None)
+        return Checkpoint(path, path, [SINGLE], None, progress=progress)
     raise CheckpointError(f"{path}: directory holds neither {SINGLE} nor {INDEX}")
 
 
@@ -197,7 +215,7 @@ def _check_index(checkpoint: Checkpoint, where: object) -> Checkpoint:
     return checkpoint
 
 
-def _open_remote(url: str) -> Checkpoint:
+def _open_remote(url: str, progress: Progress | None) -> Checkpoint:
     """A checkpoint at an ``hf://`` or ``http(s)://`` URL: the same layouts as on disk, read by range requests."""
     source, name = open_remote(url)
     root = Path(source.shown)  # only for messages: a remote checkpoint has no local root
@@ -206,12 +224,12 @@ def _open_remote(url: str) -> Checkpoint:
         if name is None:
             raise CheckpointError(f"{source.shown}: holds neither {SINGLE} nor {INDEX}")
     if not name.endswith(".json"):
-        return Checkpoint(url, root, [name], None, source)
+        return Checkpoint(url, root, [name], None, source, progress)
     index, shards = _load_index(lambda: source.read_text(name), source.where(name))
     missing = [shard for shard in shards if not source.exists(shard)]
     if missing:
         raise CheckpointError(f"{source.where(name)}: names shard(s) that do not exist: {', '.join(missing)}")
-    return _check_index(Checkpoint(url, root, shards, index, source), source.where(name))
+    return _check_index(Checkpoint(url, root, shards, index, source, progress), source.where(name))
 
 
 @dataclass(frozen=True)
@@ -260,12 +278,19 @@ def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScale
     return MemberScales(fqn=fqn, scale=scale, input_scale=input_scale, block_size=size, derived=derived)
 
 
-def _inspect(checkpoint: Checkpoint, patterns: Sequence[str]) -> Inspection:
+def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], progress: Progress | None = None) -> Inspection:
     fmt = detect_format(checkpoint.tensors)
     groups = find_groups(sorted(find_members(checkpoint.tensors, fmt), key=_natural), patterns)
     members = {fqn for group in groups for fqn in group.members}
     members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
-    scales = {fqn: _member_scales(checkpoint, fmt, fqn) for fqn in members}
+    scales = {}
+    for fqn in members:
+        scales[fqn] = _member_scales(checkpoint, fmt, fqn)
+        if progress is not None:
+            shard, start = _location(checkpoint, fmt, fqn)
+            progress("scales", checkpoint.starts[checkpoint.shards[shard]] + start, checkpoint.size)
+    if progress is not None:
+        progress("scales", checkpoint.size, checkpoint.size)
     checkpoint.release()
     return Inspection(checkpoint.path, fmt, report_groups(groups, scales, fmt))
 
@@ -282,14 +307,19 @@ def _location(checkpoint: Checkpoint, fmt: Format, fqn: str) -> tuple[int, int]:
     return checkpoint.position[info.shard], info.start
 
 
-def inspect_checkpoint(path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS) -> Inspection:
+def inspect_checkpoint(
+    path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS, progress: Progress | None = None
+) -> Inspection:
     """Report every fused group of a checkpoint, reading only its headers and scale tensors.
+
+    ``progress(phase, done, total)`` is told how far through the checkpoint's bytes the
+    ``headers`` and then the ``scales`` phase are.
 
     Raises:
         CheckpointError, ValueError: bad input (see ``open_checkpoint``; unknown format,
             mixed block sizes, a non-finite scale, a bad pattern).
     """
-    return _inspect(open_checkpoint(path), patterns)
+    return _inspect(open_checkpoint(path, progress), patterns, progress)
 
 
 @dataclass
@@ -317,15 +347,16 @@ def _check_out(checkpoint: Checkpoint, out: Path, force: bool) -> None:
 class _Writer:
     """Byte patches into the copied shards, then whole rewrites of the shards that gain keys."""
 
-    def __init__(self, checkpoint: Checkpoint, staging: Path) -> None:
-        self.checkpoint, self.staging = checkpoint, staging
+    def __init__(self, checkpoint: Checkpoint, staging: Path, copier: Copier) -> None:
+        self.checkpoint, self.staging, self.copier = checkpoint, staging, copier
         self.added: dict[str, dict[str, torch.Tensor]] = {}
 
     def patch(self, key: str, tensor: torch.Tensor) -> None:
         info = self.checkpoint.tensors[key]
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = memoryview(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         if len(data) != info.end - info.start:
             raise RuntimeError(f"reconcile: new {key!r} has {len(data)} bytes, the slot holds {info.end - info.start}")
+        self.copier.wait(info.shard)  # the copy runs in the background; patch it only once it is whole
         with open(self.staging / info.shard, "r+b") as handle:
             handle.seek(info.start)
             handle.write(data)
@@ -355,13 +386,15 @@ class _Writer:
             (self.staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
+def _requantize_member(
+    checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float, device: torch.device
+) -> bool:
     keys = {name: join_fqn(fqn, getattr(fmt, name)) for name in ("packed", "block_scale", "scale")}
-    quantized, exact = requantize(
-        checkpoint.read(keys["packed"]),
-        checkpoint.read(keys["block_scale"]),
-        weight_scale_2(checkpoint.read(keys["scale"]), fmt),
-        weight_scale_2(_scalar_like(shared, checkpoint.tensors[keys["scale"]]), fmt),
+    quantized, exact = requantize(  # core's functions are plain torch ops: they run where their inputs lie
+        checkpoint.read(keys["packed"]).to(device),
+        checkpoint.read(keys["block_scale"]).to(device),
+        weight_scale_2(checkpoint.read(keys["scale"]), fmt).to(device),
+        weight_scale_2(_scalar_like(shared, checkpoint.tensors[keys["scale"]]), fmt).to(device),
     )
     writer.patch(keys["packed"], quantized.packed)
     writer.patch(keys["block_scale"], quantized.block_scale)
@@ -377,25 +410,37 @@ def _set_scale(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, s
         writer.add(key, join_fqn(fqn, fmt.fallback), torch.tensor(shared, dtype=torch.float32))
 
 
-def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, progress) -> None:
+def _jobs(checkpoint: Checkpoint, inspection: Inspection) -> list[tuple[tuple[int, int], GroupReport, str]]:
+    """The changed members, in file order: one shard's reads at a time, sequential within it."""
+    fmt = inspection.format
+    jobs = [(_location(checkpoint, fmt, fqn), report, fqn) for report in inspection.reports for fqn in report.changed]
+    return sorted(jobs, key=lambda job: job[0])
+
+
+def _member_bytes(checkpoint: Checkpoint, fmt: Format, fqn: str) -> int:
+    """Bytes a member's requantization reads and rewrites (its codes and block scales)."""
+    if fmt.packed is None:
+        return 0
+    infos = [checkpoint.tensors[join_fqn(fqn, name)] for name in (fmt.packed, fmt.block_scale)]
+    return sum(info.end - info.start for info in infos)
+
+
+def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, meter: Meter, device) -> None:
     """Fill ``result`` with the changes; apply them when there is a writer."""
     fmt = result.inspection.format
-    reports = result.inspection.reports
-    jobs = [(_location(checkpoint, fmt, fqn), report, fqn) for report in reports for fqn in report.changed]
-    jobs.sort(key=lambda job: job[0])
+    jobs = _jobs(checkpoint, result.inspection)
     for done, ((shard, _), report, fqn) in enumerate(jobs):
         if done and jobs[done - 1][0][0] != shard:
-            checkpoint.release()  # one shard's pages at a time
+            checkpoint.release()  # one shard open at a time
         if fmt.packed is None:
             result.scales_set.append(fqn)
             if writer is not None:
                 _set_scale(checkpoint, writer, fmt, fqn, report.shared_scale)
         else:
             result.requantized.append(fqn)
-            if writer is not None and not _requantize_member(checkpoint, writer, fmt, fqn, report.shared_scale):
+            if writer is not None and not _requantize_member(checkpoint, writer, fmt, fqn, report.shared_scale, device):
                 result.inexact.append(fqn)
-        if progress is not None:
-            progress(done + 1, len(jobs), f"reconciled {fqn}")
+        meter.advance("requantize", _member_bytes(checkpoint, fmt, fqn) if writer is not None else 0)
     for report in result.inspection.reports:
         for fqn in report.input_changed:
             result.inputs_unified.append(fqn)
@@ -404,20 +449,23 @@ def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | Non
     checkpoint.release()
 
 
-def _copy_inputs(checkpoint: Checkpoint, staging: Path, progress) -> None:
-    """Copy the shards and, from a directory, every other file (the index too, rewritten later if needed).
+def _inputs(checkpoint: Checkpoint) -> list[Path]:
+    """The shards and, from a directory, every other file (the index too, rewritten later if needed).
 
-    Links are followed: a shard that is a link (as in the Hugging Face cache, into its blobs)
-    must become a file of its own, or patching the copy would write through into the input.
+    The copy follows links: a shard that is a link (as in the Hugging Face cache, into its
+    blobs) must become a file of its own, or patching the copy would write through into the input.
     """
-    entries = [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.root.iterdir())
-    for done, entry in enumerate(entries):
-        if entry.is_dir():
-            shutil.copytree(entry, staging / entry.name)
-        else:
-            shutil.copy2(entry, staging / entry.name)
-        if progress is not None:
-            progress(done + 1, len(entries), f"copied {entry.name}")
+    return [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.root.iterdir())
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; ``cuda`` without a GPU is refused."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("reconcile: --device cuda asked for, but torch sees no CUDA device here")
+    return device
 
 
 def reconcile_checkpoint(
@@ -427,18 +475,24 @@ def reconcile_checkpoint(
     *,
     force: bool = False,
     dry_run: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
+    device: str | torch.device = "auto",
+    progress: Progress | None = None,
 ) -> Reconciliation:
     """Write a copy of a checkpoint in which every fused group shares one scale.
 
+    The shards are copied in a background thread while the changed members, shard by
+    shard, are requantized on ``device`` and patched into their copies; memory holds
+    one member's tensors at a time.
+
     Args:
-        path: the input checkpoint (file or directory); never modified.
+        path: the input checkpoint (file or directory); never modified. A URL only with ``dry_run``.
         out: the output directory; may be ``None`` on a dry run.
         patterns: grouping regexes (``core.find_groups``).
         force: replace an existing ``out``.
         dry_run: compute and return the changes, write nothing.
-        progress: called as ``progress(done, total, what)`` after each copied file and each
-            changed member.
+        device: where requantization runs: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        progress: called as ``progress(phase, done, total)`` in bytes of the whole run
+            (phases ``copy``, ``requantize``, ``verify``).
 
     Returns:
         A ``Reconciliation`` listing the changed members.
@@ -451,31 +505,45 @@ def reconcile_checkpoint(
             f"{path}: reconcile writes a copy of a local checkpoint; download it first (e.g. "
             "`hf download ORG/REPO --local-dir DIR`), then reconcile DIR; --dry-run works on a URL"
         )
+    device = resolve_device(device)
     checkpoint = open_checkpoint(path)
     result = Reconciliation(inspection=_inspect(checkpoint, patterns))
     if dry_run:
-        _apply(checkpoint, result, None, None)
+        _apply(checkpoint, result, None, Meter(None, 0), device)
         return result
     if out is None:
         raise CheckpointError("reconcile: --out is required unless --dry-run")
     out = Path(out)
     _check_out(checkpoint, out, force)
+    _write(checkpoint, result, out, patterns, device, progress)
+    result.out = out
+    return result
+
+
+def _write(checkpoint: Checkpoint, result: Reconciliation, out: Path, patterns, device, progress) -> None:
+    """Copy, patch, verify in a temporary directory beside ``out``, then rename it into place."""
+    inputs, fmt = _inputs(checkpoint), result.inspection.format
+    changed = sum(_member_bytes(checkpoint, fmt, fqn) for _, _, fqn in _jobs(checkpoint, result.inspection))
+    meter = Meter(progress, sum(tree_size(entry) for entry in inputs) + changed)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    copier = None
     try:
         shutil.copymode(checkpoint.root, staging)  # mkdtemp makes it private; the output should not be
-        _copy_inputs(checkpoint, staging, progress)
-        writer = _Writer(checkpoint, staging)
-        _apply(checkpoint, result, writer, progress)
+        copier = Copier(inputs, staging, meter)
+        writer = _Writer(checkpoint, staging, copier)
+        _apply(checkpoint, result, writer, meter, device)
+        copier.finish()
         writer.finish()
+        meter.advance("verify", 0)
         target = staging / checkpoint.path.name if checkpoint.path.is_file() else staging
         if not inspect_checkpoint(target, patterns).consistent:
             raise RuntimeError(f"reconcile: the written checkpoint in {staging} still has mismatched groups")
         _move_into_place(staging, out)
     except BaseException:
+        if copier is not None:
+            copier.cancel()
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    result.out = out
-    return result
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

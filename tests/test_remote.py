@@ -17,46 +17,24 @@ from urllib.parse import parse_qs, unquote
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sharedquant.adapters.checkpoint import open_checkpoint
 from sharedquant.adapters.cli import main
 from sharedquant.adapters.sources import SourceError, _confined
 
+from _sharded import write_sharded  # pytest puts tests/ on sys.path (it has no __init__.py)
+
 pytest.importorskip("aiohttp")
 pytest.importorskip("huggingface_hub")
 
-SHAPES = {"self_attn.q_proj": 512, "self_attn.k_proj": 128, "self_attn.v_proj": 128, "mlp.gate_proj": 1024,
-          "mlp.up_proj": 1024, "mlp.down_proj": 512}  # fmt: skip
 SHA, TOKEN = "0123456789abcdef0123456789abcdef01234567", "hf_test_token"
 HUB = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/(?P<route>revision|tree|paths-info)/(?P<rev>[^/]+)/?(?P<path>.*)")
-
-
-def _layer(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One layer in modelopt's NVFP4 layout (512 columns); k_proj and up_proj get a smaller scale."""
-    state = {}
-    for name, rows in SHAPES.items():
-        fqn = f"model.layers.{index}.{name}"
-        state[f"{fqn}.weight"] = torch.randint(0, 256, (rows, 256), dtype=torch.uint8, generator=generator)
-        state[f"{fqn}.weight_scale"] = (torch.rand(rows, 32, generator=generator) * 400 + 8).to(torch.float8_e4m3fn)
-        state[f"{fqn}.weight_scale_2"] = torch.tensor(1e-4 / (1.5 if name.endswith(("k_proj", "up_proj")) else 1.0))
-        state[f"{fqn}.input_scale"] = torch.tensor(2e-3)
-    return state
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A 3-shard checkpoint of 6 layers, about 5 MB, with an index."""
-    directory = tmp_path_factory.mktemp("remote") / "ckpt"
-    directory.mkdir()
-    generator, weight_map = torch.Generator().manual_seed(0), {}
-    for shard in range(3):
-        name = f"model-{shard + 1:05d}-of-00003.safetensors"
-        state = {key: value for index in (2 * shard, 2 * shard + 1) for key, value in _layer(index, generator).items()}
-        save_file(state, directory / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(state, name))
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return directory
+    return write_sharded(tmp_path_factory.mktemp("remote") / "ckpt")
 
 
 class Server(ThreadingHTTPServer):
