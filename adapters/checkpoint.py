@@ -131,6 +131,7 @@ class Checkpoint:
         self.source = LocalSource(root) if source is None else source
         self.position = {shard: position for position, shard in enumerate(self.shards)}
         self.tensors: dict[str, TensorInfo] = {}
+        self._ahead: dict[str, bytearray] = {}
         sizes = [self.source.size(shard) for shard in self.shards]
         self.starts = dict(zip(self.shards, itertools.accumulate([0, *sizes])))  # each shard's place in the run
         self.size = sum(sizes)
@@ -150,7 +151,7 @@ class Checkpoint:
         """The tensor ``key``, read as its own byte range (nothing else of its shard)."""
         info = self.tensors[key]
         try:
-            data = self.source.read_range(info.shard, info.start, info.end)
+            data = self._ahead.pop(key, None) or self.source.read_range(info.shard, info.start, info.end)
         except OSError as err:
             raise CheckpointError(f"{self.source.where(info.shard)}: cannot read {key!r}: {err}") from err
         dtype = _DTYPES.get(info.dtype)
@@ -159,8 +160,18 @@ class Checkpoint:
         flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return flat.view(dtype).reshape(info.shape)
 
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Read these (small) tensors ahead, one shard's in a few requests, for ``read`` to hand out."""
+        by_shard: dict[str, list[str]] = {}
+        for key in keys:
+            by_shard.setdefault(self.tensors[key].shard, []).append(key)
+        for shard, names in by_shard.items():
+            ranges = [(self.tensors[key].start, self.tensors[key].end) for key in names]
+            self._ahead.update(zip(names, self.source.read_ranges(shard, ranges)))
+
     def release(self) -> None:
         """Close the open shards: reads hold no pages or connections past the shard they need."""
+        self._ahead.clear()
         self.source.close()
 
 
@@ -258,6 +269,13 @@ def _scalar_like(value: float, info: TensorInfo) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64).to(_DTYPES[info.dtype]).reshape(info.shape)
 
 
+def _scale_keys(checkpoint: Checkpoint, fmt: Format, fqn: str) -> list[str]:
+    """The keys ``_member_scales`` reads for ``fqn``: its scale (or the amax it derives one from) and input scale."""
+    keys = [join_fqn(fqn, name) for name in (fmt.scale, fmt.input_scale) if name]
+    keys = [key for key in keys if key in checkpoint.tensors]
+    return keys if join_fqn(fqn, fmt.scale) in keys else [*keys, join_fqn(fqn, fmt.fallback)]
+
+
 def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScales:
     keys = checkpoint.tensors
     scale_key = join_fqn(fqn, fmt.scale)
@@ -284,11 +302,13 @@ def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], progress: Progress
     members = {fqn for group in groups for fqn in group.members}
     members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
     scales = {}
-    for fqn in members:
-        scales[fqn] = _member_scales(checkpoint, fmt, fqn)
+    for shard, in_shard in itertools.groupby(members, key=lambda fqn: _location(checkpoint, fmt, fqn)[0]):
+        in_shard = list(in_shard)
+        checkpoint.prefetch([key for fqn in in_shard for key in _scale_keys(checkpoint, fmt, fqn)])
+        scales.update((fqn, _member_scales(checkpoint, fmt, fqn)) for fqn in in_shard)
         if progress is not None:
-            shard, start = _location(checkpoint, fmt, fqn)
-            progress("scales", checkpoint.starts[checkpoint.shards[shard]] + start, checkpoint.size)
+            name = checkpoint.shards[shard]
+            progress("scales", checkpoint.starts[name] + checkpoint.source.size(name), checkpoint.size)
     if progress is not None:
         progress("scales", checkpoint.size, checkpoint.size)
     checkpoint.release()

@@ -165,6 +165,8 @@ def test_inspect_over_http_gives_the_local_result_reading_under_1_percent(checkp
     assert json.loads(remote[1])["path"] == f"{server.url}/ckpt/"
     total = sum(file.stat().st_size for file in checkpoint.iterdir())
     assert total > 4_000_000 and 0 < server.served < total / 100
+    shard_requests = [request for request in server.requests if request.endswith(".safetensors")]
+    assert len(shard_requests) <= 4 * 3, shard_requests  # per shard: size, header length, header, all its scales
 
 
 def test_inspect_over_http_of_the_index_and_of_one_shard(checkpoint, server, capsys):
