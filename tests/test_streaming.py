@@ -3,6 +3,7 @@
 import io
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -86,10 +87,10 @@ def test_output_shards_are_files_of_their_own_even_from_links(sharded, tmp_path)
 def test_a_copy_that_fails_leaves_nothing_and_is_reported(sharded, tmp_path, monkeypatch):
     real = copying.copy_file
 
-    def failing(source, target, meter):
+    def failing(source, target, meter, stop):
         if source.name.startswith("model-00002"):
             raise OSError(28, "No space left on device", str(target))
-        real(source, target, meter)
+        real(source, target, meter, stop)
 
     monkeypatch.setattr(copying, "copy_file", failing)
     with pytest.raises(OSError, match="No space left"):
@@ -134,3 +135,11 @@ def test_requantization_runs_on_the_device_asked_for(sharded, tmp_path, monkeypa
         assert devices == {"cuda"}
         for file in (tmp_path / "cpu").iterdir():
             assert file.read_bytes() == (tmp_path / "cuda" / file.name).read_bytes()
+
+
+def test_a_cancelled_copy_stops_between_chunks(tmp_path):
+    source, stop = tmp_path / "a", threading.Event()
+    source.write_bytes(b"x" * 1024)
+    stop.set()
+    with pytest.raises(InterruptedError, match="copy stopped"):
+        copying.copy_file(source, tmp_path / "b", copying.Meter(None, 1024), stop)
