@@ -151,7 +151,8 @@ class RemoteSource:
             datas = [self.read_range(name, start, end) for start, end in spans]
         for start, end, data in zip(starts, ends, datas):
             if len(data) != end - start:
-                raise SourceError(f"{self.where(name)}: truncated: got {len(data)} of the {end - start} bytes at {start}")
+                got = f"got {len(data)} bytes for the {end - start} at {start}"
+                raise SourceError(f"{self.where(name)}: {got} (a response cut short, or a server ignoring Range)")
         found = []
         for start, end in ranges:
             at = bisect.bisect_right(starts, start) - 1
