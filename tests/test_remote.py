@@ -44,7 +44,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, root: Path) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
-        self.root, self.served, self.cut, self.requests = root, 0, {}, []
+        self.root, self.served, self.cut, self.requests, self.ranges = root, 0, {}, [], True
         self.lock = threading.Lock()
 
     @property
@@ -93,7 +93,7 @@ class Handler(BaseHTTPRequestHandler):
         data, status = file.read_bytes(), 200
         start, end = 0, len(data)
         requested = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if requested:
+        if requested and self.server.ranges:
             start, end, status = int(requested[1]), min(len(data), int(requested[2] or len(data) - 1) + 1), 206
         self.send_response(status)
         self.send_header("Content-Length", str(end - start))
@@ -194,6 +194,12 @@ def test_a_shard_cut_mid_read_is_one_line_and_exit_2(checkpoint, server, capsys)
 def test_http_errors_are_one_line_and_exit_2(server, capsys, where, says):
     status, out, err = run(capsys, "inspect", f"{server.url}{where}")
     assert status == 2 and out == "" and len(err.splitlines()) == 1 and says in err
+
+
+def test_a_server_that_ignores_range_is_one_line_and_exit_2(server, capsys):
+    server.ranges = False  # answers every GET with the whole file: reading on would fetch the whole checkpoint
+    status, out, err = run(capsys, "inspect", f"{server.url}/ckpt/")
+    assert status == 2 and out == "" and len(err.splitlines()) == 1 and "/ckpt/model-00001-of-00003" in err, err
 
 
 def test_a_refused_connection_is_one_line_and_exit_2(capsys):
