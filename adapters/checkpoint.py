@@ -32,8 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members
-from sharedquant.core.groups import join_fqn
-from sharedquant.core.groups import find_groups
+from sharedquant.core.groups import find_groups, in_role_order, join_fqn
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
 
@@ -298,7 +297,9 @@ def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScale
 
 def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], progress: Progress | None = None) -> Inspection:
     fmt = detect_format(checkpoint.tensors)
-    groups = find_groups(sorted(find_members(checkpoint.tensors, fmt), key=_natural), patterns)
+    # members as their pattern names them (q, k, v), not as the sorted keys list them
+    names = sorted(find_members(checkpoint.tensors, fmt), key=_natural)
+    groups = in_role_order(find_groups(names, patterns), patterns)
     members = {fqn for group in groups for fqn in group.members}
     members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
     scales = {}

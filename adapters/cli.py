@@ -1,18 +1,20 @@
 """The ``sharedquant`` command: ``inspect``, ``reconcile`` and ``demo``.
 
 Exit status: 0 when every fused group is consistent (``inspect``) or the job is done,
-1 when ``inspect`` finds a mismatched group, 2 on bad input (one line on stderr,
-nothing written). The work is done by ``adapters.checkpoint``; this file parses
-arguments and renders tables, JSON and a progress bar.
+1 when ``inspect`` finds a mismatched group (with ``--fail-above R``: a weight-scale
+ratio above R), 2 on bad input (one line on stderr, nothing written). The work is done
+by ``adapters.checkpoint``; ``adapters.report`` renders what ``inspect`` prints; this
+file parses arguments and draws a progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TextIO
 
 from safetensors import SafetensorError
@@ -21,92 +23,14 @@ from tqdm import tqdm
 from sharedquant.core.formats import DEFAULT_PATTERNS
 from sharedquant.core.groups import compile_patterns
 
-from .checkpoint import Inspection, Reconciliation, inspect_checkpoint, reconcile_checkpoint
+from .checkpoint import Reconciliation, inspect_checkpoint, reconcile_checkpoint
+from .report import exceeding, format_summary, format_table, inspection_json, summary_line
 
-__all__ = ["format_table", "inspection_json", "main"]
+__all__ = ["format_table", "inspection_json", "main", "summary_line"]  # the walkthrough notebook imports these here
 
 BAD_INPUT = 2
 # Bad input only: anything else is a defect and keeps its traceback.
 _BAD_INPUT_ERRORS = (ValueError, OSError, SafetensorError)
-
-
-def _scale(value: float | None) -> str:
-    return "-" if value is None else f"{value:.5e}"
-
-
-def _short(fqn: str, parent: str) -> str:
-    return fqn[len(parent) + 1 :] if parent and fqn.startswith(parent + ".") else fqn
-
-
-def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
-    """The ``inspect`` table: one row per member, the group's ratio and status on its first row.
-
-    Args:
-        inspection: what ``inspect_checkpoint`` returned.
-        extra: optional member FQN -> {column title: text}, shown after the status.
-    """
-    fmt = inspection.format
-    titles = list(dict.fromkeys(title for columns in (extra or {}).values() for title in columns))
-    header = ["group", "member", fmt.scale] + ([fmt.input_scale] if fmt.input_scale else []) + ["ratio", "status"]
-    rows = [header + titles]
-    for report in inspection.reports:
-        status = "ok" if report.consistent else ("MISMATCH" if report.changed else "input mismatch")
-        for position, member in enumerate(report.members):
-            first = position == 0
-            row = [report.group.parent if first else "", _short(member.fqn, report.group.parent), _scale(member.scale)]
-            row += [_scale(member.input_scale)] if fmt.input_scale else []
-            row += [f"{report.ratio:.4f}x" if first else "", status if first else ""]
-            rows.append(row + [(extra or {}).get(member.fqn, {}).get(title, "") for title in titles])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) + len(titles))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines + [summary_line(inspection)])
-
-
-def summary_line(inspection: Inspection) -> str:
-    """One line: how many groups, how many mismatched, the worst ratio."""
-    reports = inspection.reports
-    if not reports:
-        return f"no fused groups found ({inspection.format.name} format)"
-    bad = [report for report in reports if not report.consistent]
-    line = f"{len(reports)} fused groups, {len(reports) - len(bad)} consistent, {len(bad)} mismatched"
-    if bad:
-        worst = max(bad, key=lambda report: max(report.ratio, report.input_ratio))
-        line += f" (worst {max(worst.ratio, worst.input_ratio):.3f}x in {worst.group.parent or '<root>'})"
-    return f"{line}; format {inspection.format.name}"
-
-
-def inspection_json(inspection: Inspection) -> dict:
-    """The same content as the table, for scripts."""
-    fmt = inspection.format
-    groups = [
-        {
-            "parent": report.group.parent,
-            "members": [
-                {"name": m.fqn, "scale": m.scale, "input_scale": m.input_scale, "block_size": m.block_size}
-                for m in report.members
-            ],
-            "shared_scale": report.shared_scale,
-            "shared_input_scale": report.shared_input_scale,
-            "ratio": report.ratio,
-            "input_ratio": report.input_ratio,
-            "consistent": report.consistent,
-        }
-        for report in inspection.reports
-    ]
-    mismatched = [group for group in groups if not group["consistent"]]
-    return {
-        "path": str(inspection.path),
-        "format": fmt.name,
-        "scale_key": fmt.scale,
-        "input_scale_key": fmt.input_scale,
-        "groups": groups,
-        "summary": {
-            "groups": len(groups),
-            "consistent": len(groups) - len(mismatched),
-            "mismatched": len(mismatched),
-            "worst_ratio": max((max(g["ratio"], g["input_ratio"]) for g in groups), default=1.0),
-        },
-    }
 
 
 class ByteBar:
@@ -140,10 +64,16 @@ def _inspect(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.json:
-        print(json.dumps(inspection_json(inspection), indent=2))
+        print(json.dumps(inspection_json(inspection, args.fail_above), indent=2))
     else:
-        print(format_table(inspection))
-    return 0 if inspection.consistent else 1
+        if args.all and inspection.reports:
+            print(format_table(inspection, closing=False), end="\n\n")
+        print(format_summary(inspection, args.fail_above))
+    return 1 if exceeding(inspection, args.fail_above) else 0
+
+
+def _scale(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5e}"
 
 
 def _change_lines(result: Reconciliation, verb: str) -> list[str]:
@@ -200,13 +130,24 @@ def _patterns(value: str) -> str:
     return value
 
 
+def _ratio(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = math.nan
+    if not (math.isfinite(ratio) and ratio >= 1):
+        raise argparse.ArgumentTypeError(f"expected a ratio of scales, a finite number >= 1, got {value!r}")
+    return ratio
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (sub-commands ``inspect``, ``reconcile``, ``demo``)."""
     parser = argparse.ArgumentParser(
         prog="sharedquant",
         description="Find and repair fused NVFP4 groups (q/k/v, gate/up, w1/w3) whose members disagree "
         "on the global scale.",
-        epilog="exit status: 0 done (inspect: every group consistent), 1 inspect found a mismatched group, 2 bad input",
+        epilog="exit status: 0 done (inspect: every group consistent), 1 inspect found a mismatched group "
+        "(or a ratio above --fail-above), 2 bad input",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,reconcile,demo}")
     patterns_help = "regexes over module names, capture groups = group key (replaces the defaults: %(default)s)"
@@ -219,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     quiet = {"action": "store_true", "help": "no progress bar (it is shown only when stderr is a terminal)"}
     inspect.add_argument("path", metavar="PATH", help=source_help)
     inspect.add_argument("--patterns", **patterns, help=patterns_help)
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--json", action="store_true", help="print JSON (summary, kinds, engine rules, groups)")
+    inspect.add_argument("--all", action="store_true", help="also print the full table, one row per member")
+    fail_help = "exit 1 only if some group's weight-scale ratio exceeds RATIO (default: exit 1 on any mismatch)"
+    inspect.add_argument("--fail-above", type=_ratio, metavar="RATIO", help=fail_help)
     inspect.add_argument("--quiet", **quiet)
     inspect.set_defaults(func=_inspect)
     reconcile = commands.add_parser("reconcile", help="write a copy in which every fused group shares one scale")

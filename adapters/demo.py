@@ -26,8 +26,8 @@ from sharedquant.core.reconcile import dequantize_without_rescaling
 from sharedquant.core.reduce import reduce_amax
 
 from .checkpoint import inspect_checkpoint, reconcile_checkpoint
-from .cli import format_table
 from .models import tiny_llama, tiny_mixtral
+from .report import format_table
 
 __all__ = ["member_errors", "quantize_unshared", "run_demo", "skew_siblings_"]
 

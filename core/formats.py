@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .groups import SHARED_PATTERNS
+from .groups import DEFAULT_PATTERNS, MLA_PATTERN
 
 __all__ = [
     "COMPRESSED_TENSORS",
@@ -37,10 +37,7 @@ __all__ = [
     "find_members",
 ]
 
-MLA_PATTERN = r"(?:(.*)\.)?(?:q_a_proj|kv_a_proj_with_mqa)"
-"""DeepSeek-style MLA: the two down-projections of the attention input are fused at export."""
-
-DEFAULT_PATTERNS: tuple[str, ...] = (*SHARED_PATTERNS, MLA_PATTERN)
+# DEFAULT_PATTERNS and MLA_PATTERN live in core.groups (the one documented list); re-exported here.
 
 
 @dataclass(frozen=True, slots=True)

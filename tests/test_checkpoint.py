@@ -105,7 +105,7 @@ def test_inspect_reports_the_mismatched_groups_and_their_ratios(variant):
         report = reports[fqn.rpartition(".")[0]]
         scales = [state[f"{m}.weight_scale_2"].item() for m in report.group.members]
         assert report.changed == (fqn,) and report.ratio == max(scales) / min(scales) > 1.3
-    assert reports[ATTN.format(0)].input_changed == (f"{ATTN.format(0)}.k_proj", f"{ATTN.format(0)}.q_proj")
+    assert reports[ATTN.format(0)].input_changed == (f"{ATTN.format(0)}.q_proj", f"{ATTN.format(0)}.k_proj")
     assert reports[MLP.format(0)].consistent
 
 
