@@ -4,9 +4,9 @@ A source answers three questions about the files next to each other in one check
 directory: ``size(name)``, ``exists(name)`` and ``read_range(name, start, end)``. Local files
 are read with ``readinto``; ``hf://ORG/REPO[@REVISION]`` goes through ``huggingface_hub``'s
 ``HfFileSystem`` (which honours ``HF_TOKEN`` and ``HF_ENDPOINT``) and ``http(s)://`` through
-``fsspec``'s HTTP file system, both opened without read-ahead (and as fresh instances, not fsspec's shared ones) so that a read of a 4-byte
-scale costs one 4-byte range request. Nothing here writes; a source holds open file handles
-only until ``close``.
+``fsspec``'s HTTP file system, both opened without read-ahead, so that a read of a 4-byte
+scale costs one 4-byte range request, and as fresh instances rather than fsspec's shared
+ones. Nothing here writes; a source holds open file handles only until ``close``.
 """
 
 from __future__ import annotations
