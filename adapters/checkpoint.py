@@ -4,8 +4,10 @@ The decisions are the core's (``core.formats``, ``core.reconcile``, ``core.group
 this file only reads and writes files. What it guarantees:
 
 * ``inspect`` reads the shard headers and the per-tensor scale tensors, never packed
-  weights or block scales (block sizes come from the header shapes);
-* ``reconcile`` copies every shard as it is and overwrites, in the copy, only the
+  weights or block scales (block sizes come from the header shapes), through a source
+  (``adapters.sources``): local files, or ``hf://`` / ``http(s)://`` by range requests;
+* ``reconcile`` copies every shard as it is (``adapters.copying``, in the background,
+  never as a link) and overwrites, in the copy, only the
   bytes of the tensors that change (same dtype, same shape), one member at a time, so
   every other tensor and the safetensors metadata stay byte for byte; a shard that
   gains keys (quantizer state without ``_global_amax``) is rewritten whole;
