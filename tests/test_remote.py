@@ -47,6 +47,12 @@ class Server(ThreadingHTTPServer):
         self.root, self.served, self.cut, self.requests, self.ranges = root, 0, {}, [], True
         self.lock = threading.Lock()
 
+    def handle_error(self, request, client_address) -> None:
+        # a client hanging up mid-body (fsspec, on a response it refuses) is no failure of the server;
+        # its traceback would land in the stderr the tests check
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
