@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel lies on local disk; a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,peer]'
+	$(BIN)/pip install -q -e '.[test,peer,remote]'
 	touch $(STAMP)
 
 demo: $(STAMP)

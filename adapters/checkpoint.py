@@ -5,8 +5,11 @@ this file only reads and writes files. What it guarantees:
 
 * ``inspect`` reads the shard headers, ``config.json`` / ``hf_quant_config.json`` and the
   per-tensor scale tensors, never weights or block scales (formats, dtypes and block sizes
-  come from the header); every member of a group must carry the tensors its format needs;
-* ``reconcile`` copies every shard as it is and overwrites, in the copy, only the
+  come from the header), through a source (``adapters.sources``): local files, or
+  ``hf://`` / ``http(s)://`` by range requests; every member of a group must carry the
+  tensors its format needs;
+* ``reconcile`` copies every shard as it is (``adapters.copying``, in the background,
+  never as a link) and overwrites, in the copy, only the
   bytes of the tensors that change (same dtype, same shape), one member at a time, so
   every other tensor and the safetensors metadata stay byte for byte; a shard that
   gains keys (quantizer state without ``_global_amax``) is rewritten whole;
@@ -16,6 +19,7 @@ this file only reads and writes files. What it guarantees:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sharedquant.core.formats import DEFAULT_PATTERNS, Format, detect_format, family_from_config, find_formats
@@ -36,8 +40,13 @@ from sharedquant.core.groups import Group, compile_patterns, find_groups, in_rol
 from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
 
+from .copying import Copier, Meter, tree_size
 from .layout import INDEX, SINGLE, CheckpointError, read_index
+from .sources import LocalSource, RemoteSource, SourceError, is_remote, open_remote
 from .staging import is_staging, move_into_place, staging_directory
+
+Source = LocalSource | RemoteSource
+Progress = Callable[[str, int, int], None]  # (phase, bytes done, bytes in the run)
 
 __all__ = [
     "Checkpoint",
@@ -66,16 +75,16 @@ class TensorInfo(NamedTuple):
     end: int
 
 
-def _read_header(path: Path, shard: str) -> dict[str, TensorInfo]:
+def _read_header(source: Source, shard: str) -> dict[str, TensorInfo]:
     """Parse and validate one shard's header; a truncated or corrupt file raises ``CheckpointError``."""
+    path = source.where(shard)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if length < 0 or length > min(size - 8, _MAX_HEADER):
-                raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupt header, {size} bytes)")
-            header = json.loads(handle.read(length))
+        size = source.size(shard)
+        prefix = source.read_range(shard, 0, 8) if size >= 8 else b""
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 0 or length > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{path}: not a safetensors file (truncated or corrupt header, {size} bytes)")
+        header = json.loads(source.read_range(shard, 8, 8 + length))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: cannot read safetensors header: {err}") from err
     if not isinstance(header, dict):
@@ -109,49 +118,84 @@ class Checkpoint:
         tensors: key -> ``TensorInfo``.
     """
 
-    def __init__(self, path: Path, root: Path, shards: Sequence[str], index: dict | None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        root: Path,
+        shards: Sequence[str],
+        index: dict | None,
+        source: Source | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.path, self.root, self.shards, self.index = path, root, tuple(shards), index
-        self.family = _read_family(path) if path.is_dir() else None
-        self.tensors: dict[str, TensorInfo] = {}
-        for shard in self.shards:
-            for key, info in _read_header(root / shard, shard).items():
-                if self.tensors.setdefault(key, info) is not info:
-                    raise CheckpointError(f"{root}: {key!r} is in two shards, {self.tensors[key].shard} and {shard}")
+        self.source = LocalSource(root) if source is None else source
+        self.family = _read_family(self.source, path)
         self.position = {shard: position for position, shard in enumerate(self.shards)}
-        self._handles: dict[str, object] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._ahead: dict[str, bytearray] = {}
+        sizes = [self.source.size(shard) for shard in self.shards]
+        self.starts = dict(zip(self.shards, itertools.accumulate([0, *sizes])))  # each shard's place in the run
+        self.size = sum(sizes)
+        for shard in self.shards:
+            for key, info in _read_header(self.source, shard).items():
+                if self.tensors.setdefault(key, info) is not info:
+                    where = self.source.where(shard)
+                    raise CheckpointError(f"{where}: {key!r} is in two shards, {self.tensors[key].shard} and {shard}")
+            if progress is not None:
+                progress("headers", self.starts[shard] + self.source.size(shard), self.size)
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.source, RemoteSource)
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor ``key``, read through ``safetensors.safe_open`` (only its own bytes)."""
+        """The tensor ``key``, read as its own byte range (nothing else of its shard)."""
         info = self.tensors[key]
-        handle = self._handles.get(info.shard)
         try:
-            if handle is None:
-                handle = self._handles[info.shard] = safe_open(str(self.root / info.shard), "pt")
-            tensor = handle.get_tensor(key)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{self.root / info.shard}: cannot read {key!r}: {err}") from err
-        return tensor
+            data = self._ahead.pop(key, None) or self.source.read_range(info.shard, info.start, info.end)
+        except OSError as err:
+            raise CheckpointError(f"{self.source.where(info.shard)}: cannot read {key!r}: {err}") from err
+        dtype = _DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{self.source.where(info.shard)}: {key!r} has dtype {info.dtype}, not read here")
+        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).reshape(info.shape)
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Read these (small) tensors ahead, one shard's in a few requests, for ``read`` to hand out."""
+        by_shard: dict[str, list[str]] = {}
+        for key in keys:
+            by_shard.setdefault(self.tensors[key].shard, []).append(key)
+        for shard, names in by_shard.items():
+            ranges = [(self.tensors[key].start, self.tensors[key].end) for key in names]
+            self._ahead.update(zip(names, self.source.read_ranges(shard, ranges)))
 
     def release(self) -> None:
-        """Drop the open shard maps, so the pages read so far stop counting against memory."""
-        self._handles.clear()
+        """Close the open shards: reads hold no pages or connections past the shard they need."""
+        self._ahead.clear()
+        self.source.close()
 
 
-def _read_family(directory: Path) -> str | None:
+def _read_family(source: Source, path: Path | str) -> str | None:
     """The tool that wrote a checkpoint directory, as its configs say (``core.formats.family_from_config``)."""
+    if isinstance(path, Path) and not path.is_dir():
+        return None  # a lone .safetensors file: its header decides
     configs = []
     for name in ("config.json", "hf_quant_config.json"):
         try:
-            configs.append(json.loads((directory / name).read_text()) if (directory / name).is_file() else None)
+            configs.append(json.loads(source.read_text(name)) if source.exists(name) else None)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{directory / name}: not valid JSON: {err}") from err
+            raise CheckpointError(f"{source.where(name)}: not valid JSON: {err}") from err
     if not all(config is None or isinstance(config, dict) for config in configs):
-        raise CheckpointError(f"{directory}: config.json or hf_quant_config.json is not a JSON object")
+        raise CheckpointError(f"{path}: config.json or hf_quant_config.json is not a JSON object")
     return family_from_config(*configs)
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, progress: Progress | None = None) -> Checkpoint:
     """Open a ``.safetensors`` file, or a directory with ``model.safetensors`` or a sharded index.
+
+    ``path`` may also be an ``hf://ORG/REPO[@REVISION]`` or ``http(s)://`` URL of any of these
+    (see ``adapters.sources``). ``progress`` is told of each shard header read.
 
     Raises:
         CheckpointError: a missing or unreadable path, no model file in the directory or
@@ -159,17 +203,19 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             directory or a missing one, a truncated or corrupt shard, an unfinished
             ``reconcile`` staging directory.
     """
+    if is_remote(path):
+        return _open_remote(str(path), progress)
     path = Path(path)
     if path.is_dir() and is_staging(path):
         raise CheckpointError(f"{path}: an unfinished reconcile staging directory, not a checkpoint")
-    return _open(path)
+    return _open(path, progress)
 
 
-def _open(path: Path) -> Checkpoint:
+def _open(path: Path, progress: Progress | None = None) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
-        return Checkpoint(path, path.parent, [path.name], None)
+        return Checkpoint(path, path.parent, [path.name], None, progress=progress)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a regular file or directory")
     if (path / INDEX).is_file():
@@ -177,19 +223,52 @@ def _open(path: Path) -> Checkpoint:
         # reverse: which tensors are "the checkpoint" is not ours to guess
         if (path / SINGLE).exists():
             raise CheckpointError(f"{path}: holds both {SINGLE} and {INDEX}; ambiguous, remove the one not meant")
-        return _open_index(path)
+        index, shards = read_index(path)
+        return _check_index(Checkpoint(path, path, shards, index, progress=progress), path / INDEX)
     if (path / SINGLE).exists():
-        return Checkpoint(path, path, [SINGLE], None)
+        return Checkpoint(path, path, [SINGLE], None, progress=progress)
     raise CheckpointError(f"{path}: directory holds neither {SINGLE} nor {INDEX}")
 
 
-def _open_index(path: Path) -> Checkpoint:
-    index, shards = read_index(path)
-    checkpoint = Checkpoint(path, path, shards, index)
-    for key, shard in index["weight_map"].items():
+def _load_index(read_text: Callable[[], str], where: object) -> tuple[dict, list[str]]:
+    """The parsed index and its shard names, in order of first mention."""
+    try:
+        index = json.loads(read_text())
+        shards = list(dict.fromkeys(index["weight_map"].values()))
+        if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
+            raise ValueError("weight_map must map tensor names to shard file names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        if isinstance(err, SourceError):
+            raise
+        raise CheckpointError(f"{where}: not a valid safetensors index: {err!r}") from err
+    return index, shards
+
+
+def _check_index(checkpoint: Checkpoint, where: object) -> Checkpoint:
+    for key, shard in checkpoint.index["weight_map"].items():
         if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
-            raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
+            raise CheckpointError(f"{where}: maps {key!r} to {shard}, which does not hold it")
     return checkpoint
+
+
+def _open_remote(url: str, progress: Progress | None) -> Checkpoint:
+    """A checkpoint at an ``hf://`` or ``http(s)://`` URL: the same layouts as on disk, read by range requests."""
+    source, name = open_remote(url)
+    root = Path(source.shown)  # only for messages: a remote checkpoint has no local root
+    if name is None:
+        has_index, has_single = source.exists(INDEX), source.exists(SINGLE)
+        if has_index and has_single:  # as on disk: which one is "the checkpoint" is not ours to guess
+            raise CheckpointError(f"{source.shown}: holds both {SINGLE} and {INDEX}; ambiguous, name the file meant")
+        name = INDEX if has_index else SINGLE if has_single else None
+        if name is None:
+            raise CheckpointError(f"{source.shown}: holds neither {SINGLE} nor {INDEX}")
+    if not name.endswith(".json"):
+        return Checkpoint(url, root, [name], None, source, progress)
+    index, shards = _load_index(lambda: source.read_text(name), source.where(name))
+    missing = [shard for shard in shards if not source.exists(shard)]
+    if missing:
+        raise CheckpointError(f"{source.where(name)}: names shard(s) that do not exist: {', '.join(missing)}")
+    return _check_index(Checkpoint(url, root, shards, index, source, progress), source.where(name))
 
 
 @dataclass(frozen=True)
@@ -225,6 +304,15 @@ def _scalar_like(value: float, info: TensorInfo) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64).to(_DTYPES[info.dtype]).reshape(info.shape)
 
 
+def _scale_keys(checkpoint: Checkpoint, fmt: Format, fqn: str) -> list[str]:
+    """The keys ``_member_scales`` reads for ``fqn``: its scale (or the amax it derives one from) and input scale."""
+    keys = [join_fqn(fqn, name) for name in (fmt.scale, fmt.input_scale) if name]
+    keys = [key for key in keys if key in checkpoint.tensors]
+    if join_fqn(fqn, fmt.scale) in keys or fmt.fallback is None:
+        return keys
+    return [*keys, join_fqn(fqn, fmt.fallback)]
+
+
 def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScales:
     keys = checkpoint.tensors
     scale_key = join_fqn(fqn, fmt.scale)
@@ -249,7 +337,9 @@ def _per_channel_note(groups: Sequence[Group], formats: dict[str, Format]) -> tu
     )
 
 
-def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], require_match: bool = False) -> Inspection:
+def _inspect(
+    checkpoint: Checkpoint, patterns: Sequence[str], require_match: bool = False, progress: Progress | None = None
+) -> Inspection:
     try:
         formats = find_formats(checkpoint.tensors, checkpoint.family)
         if not formats:
@@ -264,9 +354,7 @@ def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], require_match: boo
         members = {fqn for group in groups for fqn in group.members}
         for fqn in members:  # completeness and dtypes, from the header, before any tensor is read
             formats[fqn].check_member(fqn, checkpoint.tensors)
-        members = sorted(members, key=lambda fqn: _location(checkpoint, formats[fqn], fqn))
-        scales = {fqn: _member_scales(checkpoint, formats[fqn], fqn) for fqn in members}
-        checkpoint.release()
+        scales = _read_member_scales(checkpoint, formats, members, progress)
         reports = report_groups(groups, scales, formats)
     except CheckpointError:
         raise
@@ -275,6 +363,25 @@ def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], require_match: boo
     found = set(report.format for report in reports) or set(formats.values())
     fmt = next(iter(found)) if len(found) == 1 else None
     return Inspection(checkpoint.path, fmt, reports, _per_channel_note(per_channel, formats))
+
+
+def _read_member_scales(
+    checkpoint: Checkpoint, formats: dict[str, Format], members: set[str], progress: Progress | None
+) -> dict[str, MemberScales]:
+    """Every member's scales, shard by shard in file order, each shard's scalars fetched in a few reads."""
+    ordered = sorted(members, key=lambda fqn: _location(checkpoint, formats[fqn], fqn))
+    scales = {}
+    for shard, in_shard in itertools.groupby(ordered, key=lambda fqn: _location(checkpoint, formats[fqn], fqn)[0]):
+        in_shard = list(in_shard)
+        checkpoint.prefetch([key for fqn in in_shard for key in _scale_keys(checkpoint, formats[fqn], fqn)])
+        scales.update((fqn, _member_scales(checkpoint, formats[fqn], fqn)) for fqn in in_shard)
+        if progress is not None:
+            name = checkpoint.shards[shard]
+            progress("scales", checkpoint.starts[name] + checkpoint.source.size(name), checkpoint.size)
+    if progress is not None:
+        progress("scales", checkpoint.size, checkpoint.size)
+    checkpoint.release()
+    return scales
 
 
 def _check_patterns_match(checkpoint: Checkpoint, names: Sequence[str], patterns: Sequence[str]) -> None:
@@ -316,17 +423,23 @@ def _location(checkpoint: Checkpoint, fmt: Format, fqn: str) -> tuple[int, int]:
 
 
 def inspect_checkpoint(
-    path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS, *, require_match: bool = False
+    path: str | os.PathLike,
+    patterns: Sequence[str] = DEFAULT_PATTERNS,
+    progress: Progress | None = None,
+    *,
+    require_match: bool = False,
 ) -> Inspection:
     """Report every fused group of a checkpoint, reading only its headers and scale tensors.
 
-    ``require_match`` refuses a pattern that matches no quantized module (user-given patterns).
+    ``progress(phase, done, total)`` is told how far through the checkpoint's bytes the
+    ``headers`` and then the ``scales`` phase are. ``require_match`` refuses a pattern that
+    matches no quantized module (user-given patterns).
 
     Raises:
         CheckpointError, ValueError: bad input (see ``open_checkpoint``; unknown format,
             mixed block sizes, a non-finite scale, a bad pattern).
     """
-    return _inspect(open_checkpoint(path), patterns, require_match)
+    return _inspect(open_checkpoint(path, progress), patterns, require_match, progress)
 
 
 @dataclass
@@ -354,15 +467,16 @@ def _check_out(checkpoint: Checkpoint, out: Path, force: bool) -> None:
 class _Writer:
     """Byte patches into the copied shards, then whole rewrites of the shards that gain keys."""
 
-    def __init__(self, checkpoint: Checkpoint, staging: Path) -> None:
-        self.checkpoint, self.staging = checkpoint, staging
+    def __init__(self, checkpoint: Checkpoint, staging: Path, copier: Copier) -> None:
+        self.checkpoint, self.staging, self.copier = checkpoint, staging, copier
         self.added: dict[str, dict[str, torch.Tensor]] = {}
 
     def patch(self, key: str, tensor: torch.Tensor) -> None:
         info = self.checkpoint.tensors[key]
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = memoryview(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         if len(data) != info.end - info.start:
             raise RuntimeError(f"reconcile: new {key!r} has {len(data)} bytes, the slot holds {info.end - info.start}")
+        self.copier.wait(info.shard)  # the copy runs in the background; patch it only once it is whole
         with open(self.staging / info.shard, "r+b") as handle:
             handle.seek(info.start)
             handle.write(data)
@@ -392,17 +506,20 @@ class _Writer:
             (self.staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
+def _requantize_member(
+    checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float, device: torch.device
+) -> bool:
     keys = {role: join_fqn(fqn, getattr(fmt, role)) for role in fmt.required}
-    tensors = {role: checkpoint.read(key) for role, key in keys.items()}
+    # core's functions are plain torch ops: they run where their inputs lie
+    tensors = {role: checkpoint.read(key).to(device) for role, key in keys.items()}
     try:
-        new, exact = fmt.requantize(tensors, _scalar_like(shared, checkpoint.tensors[keys["scale"]]))
+        new, exact = fmt.requantize(tensors, _scalar_like(shared, checkpoint.tensors[keys["scale"]]).to(device))
     except CheckpointError:
         raise
     except ValueError as err:  # the core names the function; a user needs the file and the member
         raise CheckpointError(f"{checkpoint.path}: {fqn!r}: {_FUNCTION_PREFIX.sub('', str(err))}") from err
     for role, tensor in new.items():
-        writer.patch(keys[role], tensor)
+        writer.patch(keys[role], tensor.cpu())
     return exact
 
 
@@ -414,14 +531,27 @@ def _set_scale(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, s
         writer.add(key, join_fqn(fqn, fmt.fallback), torch.tensor(shared, dtype=torch.float32))
 
 
-def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, progress) -> None:
-    """Fill ``result`` with the changes; apply them when there is a writer."""
-    reports = result.inspection.reports
+def _jobs(checkpoint: Checkpoint, inspection: Inspection) -> list[tuple[tuple[int, int], GroupReport, str]]:
+    """The changed members, in file order: one shard's reads at a time, sequential within it."""
+    reports = inspection.reports
     jobs = [(_location(checkpoint, report.format, fqn), report, fqn) for report in reports for fqn in report.changed]
-    jobs.sort(key=lambda job: job[0])
+    return sorted(jobs, key=lambda job: job[0])
+
+
+def _member_bytes(checkpoint: Checkpoint, fmt: Format, fqn: str) -> int:
+    """Bytes a member's requantization reads and rewrites (its weights and block scales)."""
+    if not fmt.requantizes:
+        return 0
+    infos = [checkpoint.tensors[join_fqn(fqn, getattr(fmt, role))] for role in fmt.required if role != "scale"]
+    return sum(info.end - info.start for info in infos)
+
+
+def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, meter: Meter, device) -> None:
+    """Fill ``result`` with the changes; apply them when there is a writer."""
+    jobs = _jobs(checkpoint, result.inspection)
     for done, ((shard, _), report, fqn) in enumerate(jobs):
         if done and jobs[done - 1][0][0] != shard:
-            checkpoint.release()  # one shard's pages at a time
+            checkpoint.release()  # one shard open at a time
         fmt = report.format
         if not fmt.requantizes:
             result.scales_set.append(fqn)
@@ -429,10 +559,9 @@ def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | Non
                 _set_scale(checkpoint, writer, fmt, fqn, report.shared_scale)
         else:
             result.requantized.append(fqn)
-            if writer is not None and not _requantize_member(checkpoint, writer, fmt, fqn, report.shared_scale):
+            if writer is not None and not _requantize_member(checkpoint, writer, fmt, fqn, report.shared_scale, device):
                 result.inexact.append(fqn)
-        if progress is not None:
-            progress(done + 1, len(jobs), f"reconciled {fqn}")
+        meter.advance("requantize", _member_bytes(checkpoint, fmt, fqn) if writer is not None else 0)
     for report in result.inspection.reports:
         for fqn in report.input_changed:
             result.inputs_unified.append(fqn)
@@ -441,20 +570,23 @@ def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | Non
     checkpoint.release()
 
 
-def _copy_inputs(checkpoint: Checkpoint, staging: Path, progress) -> None:
-    """Copy the shards and, from a directory, every other file (the index too, rewritten later if needed).
+def _inputs(checkpoint: Checkpoint) -> list[Path]:
+    """The shards and, from a directory, every other file (the index too, rewritten later if needed).
 
-    Links are followed: a shard that is a link (as in the Hugging Face cache, into its blobs)
-    must become a file of its own, or patching the copy would write through into the input.
+    The copy follows links: a shard that is a link (as in the Hugging Face cache, into its
+    blobs) must become a file of its own, or patching the copy would write through into the input.
     """
-    entries = [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.root.iterdir())
-    for done, entry in enumerate(entries):
-        if entry.is_dir():
-            shutil.copytree(entry, staging / entry.name)
-        else:
-            shutil.copy2(entry, staging / entry.name)
-        if progress is not None:
-            progress(done + 1, len(entries), f"copied {entry.name}")
+    return [checkpoint.path] if checkpoint.path.is_file() else sorted(checkpoint.root.iterdir())
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; ``cuda`` without a GPU is refused."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("reconcile: --device cuda asked for, but torch sees no CUDA device here")
+    return device
 
 
 def reconcile_checkpoint(
@@ -464,19 +596,25 @@ def reconcile_checkpoint(
     *,
     force: bool = False,
     dry_run: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
+    device: str | torch.device = "auto",
+    progress: Progress | None = None,
     require_match: bool = False,
 ) -> Reconciliation:
     """Write a copy of a checkpoint in which every fused group shares one scale.
 
+    The shards are copied in a background thread while the changed members, shard by
+    shard, are requantized on ``device`` and patched into their copies; memory holds
+    one member's tensors at a time.
+
     Args:
-        path: the input checkpoint (file or directory); never modified.
+        path: the input checkpoint (file or directory); never modified. A URL only with ``dry_run``.
         out: the output directory; may be ``None`` on a dry run.
         patterns: grouping regexes (``core.find_groups``).
         force: replace an existing ``out``.
         dry_run: compute and return the changes, write nothing.
-        progress: called as ``progress(done, total, what)`` after each copied file and each
-            changed member.
+        device: where requantization runs: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        progress: called as ``progress(phase, done, total)`` in bytes of the whole run
+            (phases ``copy``, ``requantize``, ``verify``).
         require_match: refuse a pattern that matches no quantized module.
 
     Returns:
@@ -485,25 +623,45 @@ def reconcile_checkpoint(
     Raises:
         CheckpointError, ValueError: bad input; nothing is written.
     """
+    if is_remote(path) and not dry_run:  # the output is a copy: a 400 GB download is the user's call, not ours
+        raise CheckpointError(
+            f"{path}: reconcile writes a copy of a local checkpoint; download it first (e.g. "
+            "`hf download ORG/REPO --local-dir DIR`), then reconcile DIR; --dry-run works on a URL"
+        )
+    device = resolve_device(device)
     checkpoint = open_checkpoint(path)
     result = Reconciliation(inspection=_inspect(checkpoint, patterns, require_match))
     _check_representable(checkpoint, result.inspection)
     if dry_run:
-        _apply(checkpoint, result, None, None)
+        _apply(checkpoint, result, None, Meter(None, 0), device)
         return result
     if out is None:
         raise CheckpointError("reconcile: --out is required unless --dry-run")
     out = Path(out)
     with staged_output(checkpoint, out, force) as staging:
-        _copy_inputs(checkpoint, staging, progress)
-        writer = _Writer(checkpoint, staging)
-        _apply(checkpoint, result, writer, progress)
+        _write(checkpoint, result, staging, patterns, device, progress)
+    result.out = out
+    return result
+
+
+def _write(checkpoint: Checkpoint, result: Reconciliation, staging: Path, patterns, device, progress) -> None:
+    """Copy, patch and verify in the staging directory; the copy runs in the background meanwhile."""
+    inputs = _inputs(checkpoint)
+    changed = sum(_member_bytes(checkpoint, report.format, fqn) for _, report, fqn in _jobs(checkpoint, result.inspection))
+    meter = Meter(progress, sum(tree_size(entry) for entry in inputs) + changed)
+    copier = Copier(inputs, staging, meter)
+    try:
+        writer = _Writer(checkpoint, staging, copier)
+        _apply(checkpoint, result, writer, meter, device)
+        copier.finish()
         writer.finish()
+        meter.advance("verify", 0)
         target = staging / checkpoint.path.name if checkpoint.path.is_file() else staging
         if not _inspect(_open(target), patterns).consistent:
             raise RuntimeError(f"reconcile: the written copy of {checkpoint.path} still has mismatched groups")
-    result.out = out
-    return result
+    except BaseException:
+        copier.cancel()  # staged_output removes the staging directory
+        raise
 
 
 @contextmanager

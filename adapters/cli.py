@@ -19,12 +19,12 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Sequence
 from typing import TextIO
 
 from safetensors import SafetensorError
+from tqdm import tqdm
 
 from sharedquant.core.formats import DEFAULT_PATTERNS
 from sharedquant.core.groups import compile_patterns
@@ -69,34 +69,36 @@ def _signals_raise():
             signal.signal(number, handler)
 
 
-class Progress:
-    """A progress bar: redrawn in place on a terminal; elsewhere a line every few seconds once a run is long."""
+class ByteBar:
+    """One tqdm bar over a run's bytes on stderr, its phase as the text; off when stderr is no terminal or quiet.
 
-    def __init__(self, stream: TextIO, label: str, *, quiet_for: float = 5.0, every: float = 10.0) -> None:
-        self.stream, self.label, self.quiet_for, self.every = stream, label, quiet_for, every
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.start = self.last = time.monotonic()
-        self.drawn = False
+    Called as ``bar(phase, done, total)``, the ``progress`` of ``adapters.checkpoint``.
+    """
 
-    def __call__(self, done: int, total: int, what: str) -> None:
-        now = time.monotonic()
-        if self.tty:
-            filled = 30 * done // max(total, 1)
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {what[-60:]:<60}")
-            self.drawn = True
-        elif now - self.start >= self.quiet_for and (now - self.last >= self.every or done == total):
-            self.stream.write(f"{self.label}: {done}/{total} ({now - self.start:.0f} s) {what}\n")
-            self.last = now
-        self.stream.flush()
+    def __init__(self, stream: TextIO, label: str, *, quiet: bool, leave: bool, delay: float = 0.0) -> None:
+        off = quiet or not bool(getattr(stream, "isatty", lambda: False)())
+        options = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "dynamic_ncols": True, "delay": delay}
+        self.label, self.bar = label, tqdm(total=0, file=stream, disable=off, leave=leave, **options)
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.bar.disable:
+            return
+        if total != self.bar.total or done < self.bar.n:  # a new phase that goes over the bytes again
+            self.bar.reset(total=total)
+        self.bar.set_description(f"{self.label}: {phase}", refresh=False)
+        self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    inspection = inspect_checkpoint(args.path, args.patterns, require_match=args.require_match)
+    # delay: a one-shard local inspect ends before a bar would be worth drawing
+    bar = ByteBar(sys.stderr, "inspect", quiet=args.quiet, leave=False, delay=0.5)
+    try:
+        inspection = inspect_checkpoint(args.path, args.patterns, require_match=args.require_match, progress=bar)
+    finally:
+        bar.close()
     if args.json:
         print(json.dumps(inspection_json(inspection, args.fail_above), indent=2))
     else:
@@ -127,14 +129,12 @@ def _change_lines(result: Reconciliation, verb: str) -> list[str]:
 def _reconcile(args: argparse.Namespace) -> int:
     if not args.dry_run and args.out is None:
         raise ValueError("--out DIR is required (or pass --dry-run)")
-    progress = Progress(sys.stderr, "reconcile")
+    bar = ByteBar(sys.stderr, "reconcile", quiet=args.quiet, leave=True)
+    options = {"force": args.force, "dry_run": args.dry_run, "device": args.device, "progress": bar}
     try:
-        result = reconcile_checkpoint(
-            args.path, args.out, args.patterns, force=args.force, dry_run=args.dry_run, progress=progress,
-            require_match=args.require_match,
-        )  # fmt: skip
+        result = reconcile_checkpoint(args.path, args.out, args.patterns, require_match=args.require_match, **options)
     finally:
-        progress.close()
+        bar.close()
     verb = ("would requantize", "would set") if args.dry_run else ("requantized", "set")
     for line in _change_lines(result, verb):
         print(line)
@@ -154,11 +154,11 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    progress = Progress(sys.stderr, "convert")
+    bar = ByteBar(sys.stderr, "convert", quiet=args.quiet, leave=True)
     try:
-        result = convert_checkpoint(args.path, args.out, args.to, force=args.force, progress=progress)
+        result = convert_checkpoint(args.path, args.out, args.to, force=args.force, progress=bar)
     finally:
-        progress.close()
+        bar.close()
     print("\n".join(conversion_lines(result, every=args.all)))
     return 0
 
@@ -213,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"defaults ({', '.join(DEFAULT_PATTERNS)}); one that matches no module is an error"
     )
     patterns = {"action": "extend", "nargs": "+", "metavar": "REGEX", "default": None, "help": patterns_help}
-    source_help = "a .safetensors file, or a directory with model.safetensors or model.safetensors.index.json"
+    source_help = (
+        "a .safetensors file, or a directory with model.safetensors or model.safetensors.index.json; "
+        "or hf://ORG/REPO[@REVISION] or an http(s):// URL of any of these (read by range requests)"
+    )
+    quiet = {"action": "store_true", "help": "no progress bar (it is shown only when stderr is a terminal)"}
     inspect = commands.add_parser(
         "inspect", parents=[common], help="print every fused group's scales; exit 1 if any is mismatched"
     )
@@ -223,15 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--all", action="store_true", help="also print the full table, one row per member")
     fail_help = "exit 1 only if some group's weight-scale ratio exceeds RATIO (default: exit 1 on any mismatch)"
     inspect.add_argument("--fail-above", type=_ratio, metavar="RATIO", help=fail_help)
+    inspect.add_argument("--quiet", **quiet)
     inspect.set_defaults(func=_inspect)
     reconcile = commands.add_parser(
         "reconcile", parents=[common], help="write a copy in which every fused group shares one scale"
     )
-    reconcile.add_argument("path", metavar="PATH", nargs="?", help="the input checkpoint (never modified)")
+    reconcile_help = "the input checkpoint (never modified; a URL only with --dry-run)"
+    reconcile.add_argument("path", metavar="PATH", nargs="?", help=reconcile_help)
     reconcile.add_argument("--out", metavar="DIR", help="output directory (written to a temporary one, then renamed)")
     reconcile.add_argument("--patterns", **patterns)
     reconcile.add_argument("--force", action="store_true", help="replace an existing --out")
     reconcile.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
+    reconcile.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="where requantization runs (default auto: cuda when available)",
+    )  # fmt: skip
+    reconcile.add_argument("--quiet", **quiet)
     reconcile.set_defaults(func=_reconcile)
     convert_help = "write a copy in the other layout (NVFP4, FP8 per-tensor); the values do not change"
     convert = commands.add_parser("convert", parents=[common], help=convert_help)
@@ -240,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, metavar="DIR", help="output directory (written beside, then renamed)")
     convert.add_argument("--force", action="store_true", help="replace an existing --out")
     convert.add_argument("--all", action="store_true", help="list every scale whose reciprocal does not invert")
+    convert.add_argument("--quiet", **quiet)
     convert.set_defaults(func=_convert)
     demo_help = "quantize two tiny models without sharing, inspect, reconcile, compare"
     demo = commands.add_parser("demo", parents=[common], help=demo_help)

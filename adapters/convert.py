@@ -227,7 +227,7 @@ def convert_checkpoint(
     to: str,
     *,
     force: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Conversion:
     """Write a copy of an NVFP4 or FP8 per-tensor checkpoint in the other layout; the values do not change.
 
@@ -236,7 +236,7 @@ def convert_checkpoint(
         out: the output directory.
         to: ``"modelopt"`` or ``"compressed-tensors"``.
         force: replace an existing ``out``.
-        progress: called as ``progress(done, total, what)`` after each shard.
+        progress: called as ``progress("convert", done, total)`` in bytes after each shard.
 
     Returns:
         A ``Conversion``: the members, the scales whose reciprocal does not invert.
@@ -264,11 +264,11 @@ def convert_checkpoint(
             _copy_others(checkpoint, staging, {*checkpoint.shards, *texts, HF_QUANT_CONFIG})
         for name, text in texts.items():
             (staging / name).write_text(text)
-        for done, shard in enumerate(checkpoint.shards):
+        for shard in checkpoint.shards:
             _convert_shard(checkpoint, shard, staging, job, result)
             checkpoint.release()  # one shard's pages at a time
             if progress is not None:
-                progress(done + 1, len(checkpoint.shards), f"converted {shard}")
+                progress("convert", checkpoint.starts[shard] + checkpoint.source.size(shard), checkpoint.size)
     return result
 
 

@@ -49,8 +49,12 @@ def random_rows(rows: int, row: torch.Tensor, generator: torch.Generator) -> tor
     return tile.repeat(-(-rows // 256), 1)[:rows].contiguous()
 
 
-def layer(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One decoder layer in the peer's NVFP4 layout; every 4th layer's k_proj and every 8th up_proj mismatched."""
+def layer(index: int, generator: torch.Generator, every: bool = False) -> dict[str, torch.Tensor]:
+    """One decoder layer in the peer's NVFP4 layout; every 4th layer's k_proj and every 8th up_proj mismatched.
+
+    With ``every``, each layer's k_proj and up_proj: every fused group mismatched, as a tool that
+    does not fuse scales leaves them, and most members (all but the largest of each group) to requantize.
+    """
     state = {}
     for name, (rows, columns) in SHAPES.items():
         prefix = f"model.layers.{index}.{name}"
@@ -58,7 +62,9 @@ def layer(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         state[f"{prefix}.weight"] = random_rows(rows, codes, generator)
         scales = (torch.rand(512, columns // 16, generator=generator) * 400 + 8).to(torch.float8_e4m3fn)
         state[f"{prefix}.weight_scale"] = random_rows(rows, scales, generator)
-        smaller = (name.endswith("k_proj") and index % 4 == 0) or (name.endswith("up_proj") and index % 8 == 0)
+        smaller = (name.endswith("k_proj") and (every or index % 4 == 0)) or (
+            name.endswith("up_proj") and (every or index % 8 == 0)
+        )
         state[f"{prefix}.weight_scale_2"] = torch.tensor(1e-4 / (1.7 if smaller else 1.0))
         state[f"{prefix}.input_scale"] = torch.tensor(2e-3)
     for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -66,8 +72,8 @@ def layer(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
-def build(directory: Path, layers: int, shards: int) -> int:
-    """Write the checkpoint; returns its size in bytes."""
+def build(directory: Path, layers: int, shards: int, every: bool = False) -> int:
+    """Write the checkpoint (``every``: see ``layer``); returns its size in bytes."""
     directory.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     per_shard = -(-layers // shards)
@@ -76,7 +82,7 @@ def build(directory: Path, layers: int, shards: int) -> int:
         name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
         state = {}
         for index in range(shard * per_shard, min(layers, (shard + 1) * per_shard)):
-            state.update(layer(index, generator))
+            state.update(layer(index, generator, every))
         if shard == shards - 1:
             state["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
         save_file(state, directory / name, metadata={"format": "pt"})
@@ -110,24 +116,20 @@ def disk_read_bytes() -> int:
 def timed_inspect(directory: Path) -> tuple[float, int, int]:
     """(seconds, bytes of tensors requested, bytes read from disk) for one inspect."""
     requested = []
-    real = ckpt.safe_open
+    real = ckpt.Checkpoint.read
 
-    class Counting:
-        def __init__(self, path, framework):
-            self.inner = real(path, framework)
+    def counting(checkpoint, key):
+        tensor = real(checkpoint, key)
+        requested.append(tensor.numel() * tensor.element_size())
+        return tensor
 
-        def get_tensor(self, key):
-            tensor = self.inner.get_tensor(key)
-            requested.append(tensor.numel() * tensor.element_size())
-            return tensor
-
-    ckpt.safe_open = Counting
+    ckpt.Checkpoint.read = counting
     try:
         before, start = disk_read_bytes(), time.perf_counter()
         inspection = inspect_checkpoint(directory)
         seconds = time.perf_counter() - start
     finally:
-        ckpt.safe_open = real
+        ckpt.Checkpoint.read = real
     assert not inspection.consistent  # the benchmark's mismatches were found
     return seconds, sum(requested), disk_read_bytes() - before
 

@@ -69,18 +69,14 @@ def digest(directory: Path) -> dict[str, str]:
 
 @pytest.fixture
 def requested(monkeypatch):
-    """Keys whose tensors the checkpoint adapter asks safetensors for."""
-    keys = []
+    """Keys whose tensors the checkpoint adapter reads."""
+    keys, read = [], ckpt.Checkpoint.read
 
-    class Spy:
-        def __init__(self, path, framework):
-            self.inner = safe_open(path, framework)
+    def spy(checkpoint, key):
+        keys.append(key)
+        return read(checkpoint, key)
 
-        def get_tensor(self, key):
-            keys.append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(ckpt, "safe_open", Spy)
+    monkeypatch.setattr(ckpt.Checkpoint, "read", spy)
     return keys
 
 

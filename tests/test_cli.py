@@ -1,6 +1,5 @@
 """The ``sharedquant`` command line: tables, JSON, exit statuses, bad input, progress."""
 
-import io
 import json
 import os
 import shutil
@@ -9,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sharedquant.adapters.cli import Progress, main
+from sharedquant.adapters.cli import main
 from sharedquant.adapters.demo import quantize_unshared, skew_siblings_
 from sharedquant.adapters.models import tiny_llama
 
@@ -197,33 +196,3 @@ def test_an_existing_out_is_refused_without_force(unshared, tmp_path, capsys):
     assert status == 2 and "already exists; pass --force" in err and list((tmp_path / "out").iterdir()) == []
     assert run(capsys, "reconcile", unshared, "--out", tmp_path / "out", "--force")[0] == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
-
-
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_redraws_in_place_on_a_terminal():
-    stream = Terminal()
-    bar = Progress(stream, "reconcile")
-    bar(1, 4, "model.layers.0.self_attn.k_proj")
-    bar(4, 4, "model.layers.3.mlp.up_proj")
-    bar.close()
-    text = stream.getvalue()
-    assert text.count("\r") == 2 and "[" + "#" * 30 + "] 4/4" in text and text.endswith("\n")
-
-
-def test_progress_off_a_terminal_is_silent_for_short_runs_and_prints_lines_for_long_ones():
-    quiet = io.StringIO()
-    bar = Progress(quiet, "reconcile")
-    bar(1, 2, "a")
-    bar(2, 2, "b")
-    bar.close()
-    assert quiet.getvalue() == ""
-    long = io.StringIO()
-    bar = Progress(long, "reconcile", quiet_for=0.0, every=0.0)
-    bar(1, 2, "a")
-    bar(2, 2, "b")
-    assert long.getvalue().splitlines()[-1].startswith("reconcile: 2/2 (") and "\r" not in long.getvalue()
-
