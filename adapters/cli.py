@@ -188,7 +188,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # builds models: imported only when asked for
 
-    return run_demo(sys.stdout)
+    return run_demo(sys.stdout, format_table)
 
 
 def _patterns(value: str) -> str:

@@ -13,7 +13,7 @@ a temporary directory, removed at the end.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -26,7 +26,6 @@ from sharedquant.core.reconcile import dequantize_without_rescaling
 from sharedquant.core.reduce import reduce_amax
 
 from .checkpoint import inspect_checkpoint, reconcile_checkpoint
-from .cli import format_table
 from .models import tiny_llama, tiny_mixtral
 
 __all__ = ["member_errors", "quantize_unshared", "run_demo", "skew_siblings_"]
@@ -113,7 +112,7 @@ def member_errors(
     return (repaired - reference).norm().item() / norm, (engine - reference).norm().item() / norm
 
 
-def _show(name: str, directory: Path, stream: TextIO) -> None:
+def _show(name: str, directory: Path, stream: TextIO, format_table: Callable[..., str]) -> None:
     original = load_file(directory / "unshared" / "model.safetensors")
     reconciled = load_file(directory / "reconciled" / "model.safetensors")
     before = inspect_checkpoint(directory / "unshared")
@@ -135,8 +134,14 @@ def _show(name: str, directory: Path, stream: TextIO) -> None:
         )
 
 
-def run_demo(stream: TextIO) -> int:
-    """Build, quantize, inspect, reconcile and compare; returns 0."""
+def run_demo(stream: TextIO, format_table: Callable[..., str]) -> int:
+    """Build, quantize, inspect, reconcile and compare; returns 0.
+
+    Args:
+        stream: where the report goes.
+        format_table: the command line's ``inspect`` table (passed in: the command line
+            imports this module, so this module cannot import it back).
+    """
     stream.write(
         "sharedquant demo: fused siblings (q/k/v, gate/up, expert w1/w3) must share one NVFP4 global scale.\n"
         "Engines that meet a mismatched group take the max weight_scale_2 and keep the block scales,\n"
@@ -149,5 +154,5 @@ def run_demo(stream: TextIO) -> int:
             state = quantize_unshared(skew_siblings_(build()).eval())
             save_file(state, directory / "unshared" / "model.safetensors", metadata={"format": "pt"})
             reconcile_checkpoint(directory / "unshared", directory / "reconciled")
-            _show(name, directory, stream)
+            _show(name, directory, stream, format_table)
     return 0
