@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "Written by `make bench` (`python -m benchmarks.run`). Each row is timed on both sides in the same",
         "process, the sides (and, for fp32/bf16 reduce_amax, one plain `torch.amax`) taking turns round by",
         "round; the float8 row runs each side in a fresh process, for its memory figure. Each reduce_amax",
-        "side runs once untimed first (our CPU kernel compiles on its first call). Best of N wall",
+        "side runs once untimed first (allocator and thread pool warm-up). Best of N wall",
         "times, garbage collector paused during the timed call. Compare ratios.",
         "",
         "## Shared-state lifecycle",
