@@ -26,7 +26,7 @@ from .models import Size, peer_available
 
 HERE = Path(__file__).resolve().parent
 FULL_SIZES = [Size(4, 128), Size(48, 128), Size(48, 512)]  # 1,036 / 12,432 / 49,296 members
-QUICK_SIZES = [Size(1, 2), Size(2, 4)]
+QUICK_SIZES = [Size(1, 2)]  # checks that every row runs: one tiny size is enough
 # On a GPU the issue's target is the 12k-member model; the 5e4 size (linearity) is shown
 # by the CPU run, and with the peer beside it would not fit a device lease of 15 minutes.
 GPU_SIZES = FULL_SIZES[:2]
@@ -115,6 +115,12 @@ def _plot(rows: list[lifecycle.Row], path: Path) -> None:
     plt.close(fig)
 
 
+def _history() -> list[str]:
+    """The hand-kept notes on earlier runs, hosts and options not taken (``HISTORY.md``), as RESULTS.md's tail."""
+    path = HERE / "HISTORY.md"
+    return path.read_text().splitlines() if path.exists() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that every row runs")
@@ -163,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *_reduction_table(reduce_rows),
         "",
+        *_history(),
     ]
     args.out.write_text("\n".join(text))
     print("\n".join(text))
