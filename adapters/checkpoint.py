@@ -1,10 +1,11 @@
-"""safetensors checkpoints on disk: inspect and reconcile the fused groups of an NVFP4 checkpoint.
+"""safetensors checkpoints on disk: inspect and reconcile the fused groups of a quantized checkpoint.
 
 The decisions are the core's (``core.formats``, ``core.reconcile``, ``core.groups``);
 this file only reads and writes files. What it guarantees:
 
-* ``inspect`` reads the shard headers and the per-tensor scale tensors, never packed
-  weights or block scales (block sizes come from the header shapes);
+* ``inspect`` reads the shard headers, ``config.json`` / ``hf_quant_config.json`` and the
+  per-tensor scale tensors, never weights or block scales (formats, dtypes and block sizes
+  come from the header); every member of a group must carry the tensors its format needs;
 * ``reconcile`` copies every shard as it is and overwrites, in the copy, only the
   bytes of the tensors that change (same dtype, same shape), one member at a time, so
   every other tensor and the safetensors metadata stay byte for byte; a shard that
@@ -20,8 +21,8 @@ import math
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -30,11 +31,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sharedquant.core.formats import DEFAULT_PATTERNS, Format, block_size, detect_format, find_members
-from sharedquant.core.groups import join_fqn
-from sharedquant.core.groups import find_groups
-from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups, requantize, weight_scale_2
+from sharedquant.core.formats import DEFAULT_PATTERNS, Format, detect_format, family_from_config, find_formats
+from sharedquant.core.groups import Group, compile_patterns, find_groups, in_role_order, join_fqn
+from sharedquant.core.reconcile import GroupReport, MemberScales, report_groups
 from sharedquant.core.reduce import reduce_amax, round_up_to_fp32
+
+from .layout import INDEX, SINGLE, CheckpointError, read_index
+from .staging import is_staging, move_into_place, staging_directory
 
 __all__ = [
     "Checkpoint",
@@ -46,16 +49,11 @@ __all__ = [
     "reconcile_checkpoint",
 ]
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk that cannot be read or written as asked; the message names the path."""
+_FUNCTION_PREFIX = re.compile(r"^[a-z_]+: ")  # "report_groups: ...": the core's messages name their function
 
 
 class TensorInfo(NamedTuple):
@@ -113,6 +111,7 @@ class Checkpoint:
 
     def __init__(self, path: Path, root: Path, shards: Sequence[str], index: dict | None) -> None:
         self.path, self.root, self.shards, self.index = path, root, tuple(shards), index
+        self.family = _read_family(path) if path.is_dir() else None
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
             for key, info in _read_header(root / shard, shard).items():
@@ -138,14 +137,35 @@ class Checkpoint:
         self._handles.clear()
 
 
+def _read_family(directory: Path) -> str | None:
+    """The tool that wrote a checkpoint directory, as its configs say (``core.formats.family_from_config``)."""
+    configs = []
+    for name in ("config.json", "hf_quant_config.json"):
+        try:
+            configs.append(json.loads((directory / name).read_text()) if (directory / name).is_file() else None)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{directory / name}: not valid JSON: {err}") from err
+    if not all(config is None or isinstance(config, dict) for config in configs):
+        raise CheckpointError(f"{directory}: config.json or hf_quant_config.json is not a JSON object")
+    return family_from_config(*configs)
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a ``.safetensors`` file, or a directory with ``model.safetensors`` or a sharded index.
 
     Raises:
-        CheckpointError: a missing or unreadable path, no model file in the directory, an
-            index that is not valid or names a missing shard, a truncated or corrupt shard.
+        CheckpointError: a missing or unreadable path, no model file in the directory or
+            both kinds (ambiguous), an index that is not valid or names a shard outside the
+            directory or a missing one, a truncated or corrupt shard, an unfinished
+            ``reconcile`` staging directory.
     """
     path = Path(path)
+    if path.is_dir() and is_staging(path):
+        raise CheckpointError(f"{path}: an unfinished reconcile staging directory, not a checkpoint")
+    return _open(path)
+
+
+def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
@@ -153,33 +173,39 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a regular file or directory")
     if (path / INDEX).is_file():
-        try:
-            index = json.loads((path / INDEX).read_text())
-            shards = list(dict.fromkeys(index["weight_map"].values()))
-            if not all(isinstance(name, str) for name in [*shards, *index["weight_map"]]):
-                raise ValueError("weight_map must map tensor names to shard file names")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index: {err!r}") from err
-        missing = [shard for shard in shards if not (path / shard).is_file()]
-        if missing:
-            raise CheckpointError(f"{path / INDEX}: names shard(s) that do not exist: {', '.join(missing)}")
-        checkpoint = Checkpoint(path, path, shards, index)
-        for key, shard in index["weight_map"].items():
-            if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
-                raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
-        return checkpoint
+        # transformers would load model.safetensors and ignore the index; other tools the
+        # reverse: which tensors are "the checkpoint" is not ours to guess
+        if (path / SINGLE).exists():
+            raise CheckpointError(f"{path}: holds both {SINGLE} and {INDEX}; ambiguous, remove the one not meant")
+        return _open_index(path)
     if (path / SINGLE).exists():
         return Checkpoint(path, path, [SINGLE], None)
     raise CheckpointError(f"{path}: directory holds neither {SINGLE} nor {INDEX}")
 
 
+def _open_index(path: Path) -> Checkpoint:
+    index, shards = read_index(path)
+    checkpoint = Checkpoint(path, path, shards, index)
+    for key, shard in index["weight_map"].items():
+        if key not in checkpoint.tensors or checkpoint.tensors[key].shard != shard:
+            raise CheckpointError(f"{path / INDEX}: maps {key!r} to {shard}, which does not hold it")
+    return checkpoint
+
+
 @dataclass(frozen=True)
 class Inspection:
-    """What ``inspect`` found: the format and a report per fused group."""
+    """What ``inspect`` found: the format (``None`` when groups differ), a report per fused group,
+    and notes on what was recognised and left alone (per-channel scales)."""
 
     path: Path
-    format: Format
+    format: Format | None
     reports: tuple[GroupReport, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def formats(self) -> tuple[Format, ...]:
+        """The formats of the reported groups, each once, in order."""
+        return tuple(dict.fromkeys(report.format for report in self.reports if report.format is not None))
 
     @property
     def consistent(self) -> bool:
@@ -209,24 +235,72 @@ def _member_scales(checkpoint: Checkpoint, fmt: Format, fqn: str) -> MemberScale
         scale = round_up_to_fp32(reduce_amax(checkpoint.read(join_fqn(fqn, fmt.fallback)))).item()
     input_key = join_fqn(fqn, fmt.input_scale) if fmt.input_scale else None
     input_scale = _read_scalar(checkpoint, input_key) if input_key in keys else None
-    size = None
-    if fmt.packed is not None:
-        packed, blocks = join_fqn(fqn, fmt.packed), join_fqn(fqn, fmt.block_scale)
-        if packed not in keys or blocks not in keys:
-            lacks = f"{fmt.packed} or {fmt.block_scale}"
-            raise CheckpointError(f"{checkpoint.path}: {fqn!r} has {fmt.scale} but lacks {lacks}")
-        size = block_size(fqn, keys[packed].shape, keys[blocks].shape)
+    size = fmt.block_size(fqn, keys)
     return MemberScales(fqn=fqn, scale=scale, input_scale=input_scale, block_size=size, derived=derived)
 
 
-def _inspect(checkpoint: Checkpoint, patterns: Sequence[str]) -> Inspection:
-    fmt = detect_format(checkpoint.tensors)
-    groups = find_groups(sorted(find_members(checkpoint.tensors, fmt), key=_natural), patterns)
-    members = {fqn for group in groups for fqn in group.members}
-    members = sorted(members, key=lambda fqn: _location(checkpoint, fmt, fqn))
-    scales = {fqn: _member_scales(checkpoint, fmt, fqn) for fqn in members}
-    checkpoint.release()
-    return Inspection(checkpoint.path, fmt, report_groups(groups, scales, fmt))
+def _per_channel_note(groups: Sequence[Group], formats: dict[str, Format]) -> tuple[str, ...]:
+    if not groups:
+        return ()
+    kinds = "/".join(dict.fromkeys(formats[group.members[0]].kind for group in groups))
+    return (
+        f"{len(groups)} fused group(s) with per-channel {kinds} weight scales (e.g. {groups[0].parent!r}) "
+        "left as they are: each output row keeps its own scale when siblings are fused, so none is shared",
+    )
+
+
+def _inspect(checkpoint: Checkpoint, patterns: Sequence[str], require_match: bool = False) -> Inspection:
+    try:
+        formats = find_formats(checkpoint.tensors, checkpoint.family)
+        if not formats:
+            detect_format(checkpoint.tensors, checkpoint.family)  # raises, naming the keys it looks for
+        names = sorted(formats, key=_natural)
+        if require_match:
+            _check_patterns_match(checkpoint, names, patterns)
+        # members as their pattern names them (q, k, v), not as the sorted keys list them
+        groups = in_role_order(find_groups(names, patterns), patterns)
+        per_channel = [g for g in groups if not any(formats[fqn].per_tensor for fqn in g.members)]
+        groups = [group for group in groups if group not in per_channel]
+        members = {fqn for group in groups for fqn in group.members}
+        for fqn in members:  # completeness and dtypes, from the header, before any tensor is read
+            formats[fqn].check_member(fqn, checkpoint.tensors)
+        members = sorted(members, key=lambda fqn: _location(checkpoint, formats[fqn], fqn))
+        scales = {fqn: _member_scales(checkpoint, formats[fqn], fqn) for fqn in members}
+        checkpoint.release()
+        reports = report_groups(groups, scales, formats)
+    except CheckpointError:
+        raise
+    except ValueError as err:  # the core names the function; a user needs the file
+        raise CheckpointError(f"{checkpoint.path}: {_FUNCTION_PREFIX.sub('', str(err))}") from err
+    found = set(report.format for report in reports) or set(formats.values())
+    fmt = next(iter(found)) if len(found) == 1 else None
+    return Inspection(checkpoint.path, fmt, reports, _per_channel_note(per_channel, formats))
+
+
+def _check_patterns_match(checkpoint: Checkpoint, names: Sequence[str], patterns: Sequence[str]) -> None:
+    """Refuse a pattern that no quantized module's name matches: a typo would otherwise report "no groups"."""
+    for regex in compile_patterns(patterns, where="--patterns"):
+        if not any(regex.fullmatch(name) for name in names):
+            raise CheckpointError(f"{checkpoint.path}: --patterns {regex.pattern!r} matches no quantized module")
+
+
+def _check_representable(checkpoint: Checkpoint, inspection: Inspection) -> None:
+    """Refuse a group whose shared scale has no exact form in a member's stored dtype.
+
+    Scales are written back in their own dtype (fp16, bf16, fp32, fp64); a group mixing
+    dtypes can need a value that the narrower one rounds, and stay mismatched.
+    """
+    for report in inspection.reports:
+        fmt = report.format
+        wanted = [(fqn, fmt.scale, report.shared_scale) for fqn in report.changed]
+        wanted += [(fqn, fmt.input_scale, report.shared_input_scale) for fqn in report.input_changed]
+        for fqn, role, shared in wanted:
+            info = checkpoint.tensors.get(join_fqn(fqn, role))
+            if info is not None and _scalar_like(shared, info).item() != shared:
+                raise CheckpointError(
+                    f"{checkpoint.path}: {join_fqn(fqn, role)!r} is stored as {info.dtype}, which cannot hold "
+                    f"the group's shared {role} {shared!r} exactly; store the group's {role} in one dtype"
+                )
 
 
 def _natural(name: str) -> list:
@@ -241,14 +315,18 @@ def _location(checkpoint: Checkpoint, fmt: Format, fqn: str) -> tuple[int, int]:
     return checkpoint.position[info.shard], info.start
 
 
-def inspect_checkpoint(path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS) -> Inspection:
+def inspect_checkpoint(
+    path: str | os.PathLike, patterns: Sequence[str] = DEFAULT_PATTERNS, *, require_match: bool = False
+) -> Inspection:
     """Report every fused group of a checkpoint, reading only its headers and scale tensors.
+
+    ``require_match`` refuses a pattern that matches no quantized module (user-given patterns).
 
     Raises:
         CheckpointError, ValueError: bad input (see ``open_checkpoint``; unknown format,
             mixed block sizes, a non-finite scale, a bad pattern).
     """
-    return _inspect(open_checkpoint(path), patterns)
+    return _inspect(open_checkpoint(path), patterns, require_match)
 
 
 @dataclass
@@ -315,16 +393,16 @@ class _Writer:
 
 
 def _requantize_member(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, shared: float) -> bool:
-    keys = {name: join_fqn(fqn, getattr(fmt, name)) for name in ("packed", "block_scale", "scale")}
-    quantized, exact = requantize(
-        checkpoint.read(keys["packed"]),
-        checkpoint.read(keys["block_scale"]),
-        weight_scale_2(checkpoint.read(keys["scale"]), fmt),
-        weight_scale_2(_scalar_like(shared, checkpoint.tensors[keys["scale"]]), fmt),
-    )
-    writer.patch(keys["packed"], quantized.packed)
-    writer.patch(keys["block_scale"], quantized.block_scale)
-    writer.patch_scalar(keys["scale"], shared)
+    keys = {role: join_fqn(fqn, getattr(fmt, role)) for role in fmt.required}
+    tensors = {role: checkpoint.read(key) for role, key in keys.items()}
+    try:
+        new, exact = fmt.requantize(tensors, _scalar_like(shared, checkpoint.tensors[keys["scale"]]))
+    except CheckpointError:
+        raise
+    except ValueError as err:  # the core names the function; a user needs the file and the member
+        raise CheckpointError(f"{checkpoint.path}: {fqn!r}: {_FUNCTION_PREFIX.sub('', str(err))}") from err
+    for role, tensor in new.items():
+        writer.patch(keys[role], tensor)
     return exact
 
 
@@ -338,14 +416,14 @@ def _set_scale(checkpoint: Checkpoint, writer: _Writer, fmt: Format, fqn: str, s
 
 def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | None, progress) -> None:
     """Fill ``result`` with the changes; apply them when there is a writer."""
-    fmt = result.inspection.format
     reports = result.inspection.reports
-    jobs = [(_location(checkpoint, fmt, fqn), report, fqn) for report in reports for fqn in report.changed]
+    jobs = [(_location(checkpoint, report.format, fqn), report, fqn) for report in reports for fqn in report.changed]
     jobs.sort(key=lambda job: job[0])
     for done, ((shard, _), report, fqn) in enumerate(jobs):
         if done and jobs[done - 1][0][0] != shard:
             checkpoint.release()  # one shard's pages at a time
-        if fmt.packed is None:
+        fmt = report.format
+        if not fmt.requantizes:
             result.scales_set.append(fqn)
             if writer is not None:
                 _set_scale(checkpoint, writer, fmt, fqn, report.shared_scale)
@@ -359,7 +437,7 @@ def _apply(checkpoint: Checkpoint, result: Reconciliation, writer: _Writer | Non
         for fqn in report.input_changed:
             result.inputs_unified.append(fqn)
             if writer is not None:
-                writer.patch_scalar(join_fqn(fqn, fmt.input_scale), report.shared_input_scale)
+                writer.patch_scalar(join_fqn(fqn, report.format.input_scale), report.shared_input_scale)
     checkpoint.release()
 
 
@@ -387,6 +465,7 @@ def reconcile_checkpoint(
     force: bool = False,
     dry_run: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    require_match: bool = False,
 ) -> Reconciliation:
     """Write a copy of a checkpoint in which every fused group shares one scale.
 
@@ -398,6 +477,7 @@ def reconcile_checkpoint(
         dry_run: compute and return the changes, write nothing.
         progress: called as ``progress(done, total, what)`` after each copied file and each
             changed member.
+        require_match: refuse a pattern that matches no quantized module.
 
     Returns:
         A ``Reconciliation`` listing the changed members.
@@ -406,38 +486,36 @@ def reconcile_checkpoint(
         CheckpointError, ValueError: bad input; nothing is written.
     """
     checkpoint = open_checkpoint(path)
-    result = Reconciliation(inspection=_inspect(checkpoint, patterns))
+    result = Reconciliation(inspection=_inspect(checkpoint, patterns, require_match))
+    _check_representable(checkpoint, result.inspection)
     if dry_run:
         _apply(checkpoint, result, None, None)
         return result
     if out is None:
         raise CheckpointError("reconcile: --out is required unless --dry-run")
     out = Path(out)
-    _check_out(checkpoint, out, force)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        shutil.copymode(checkpoint.root, staging)  # mkdtemp makes it private; the output should not be
+    with staged_output(checkpoint, out, force) as staging:
         _copy_inputs(checkpoint, staging, progress)
         writer = _Writer(checkpoint, staging)
         _apply(checkpoint, result, writer, progress)
         writer.finish()
         target = staging / checkpoint.path.name if checkpoint.path.is_file() else staging
-        if not inspect_checkpoint(target, patterns).consistent:
-            raise RuntimeError(f"reconcile: the written checkpoint in {staging} still has mismatched groups")
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if not _inspect(_open(target), patterns).consistent:
+            raise RuntimeError(f"reconcile: the written copy of {checkpoint.path} still has mismatched groups")
     result.out = out
     return result
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished directory to ``out``; an old ``out`` (with --force) is moved aside first."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(staging, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, aside / "old")
-    os.replace(staging, out)
-    shutil.rmtree(aside, ignore_errors=True)
+@contextmanager
+def staged_output(checkpoint: Checkpoint, out: Path, force: bool) -> Iterator[Path]:
+    """A marked staging directory beside ``out``, renamed to ``out`` when the block ends, removed if it raises.
+
+    See ``adapters.staging``: signals, killed runs' leftovers, the atomic rename.
+
+    Raises:
+        CheckpointError: ``out`` overlaps the input, exists without ``force``, or has no parent.
+    """
+    _check_out(checkpoint, out, force)
+    with staging_directory(out, checkpoint.root) as staging:
+        yield staging
+        move_into_place(staging, out)

@@ -1,19 +1,27 @@
-"""The ``sharedquant`` command: ``inspect``, ``reconcile`` and ``demo``.
+"""The ``sharedquant`` command: ``inspect``, ``reconcile``, ``convert`` and ``demo``.
 
 Exit status: 0 when every fused group is consistent (``inspect``) or the job is done,
-1 when ``inspect`` finds a mismatched group, 2 on bad input (one line on stderr,
-nothing written). The work is done by ``adapters.checkpoint``; this file parses
-arguments and renders tables, JSON and a progress bar.
+1 when ``inspect`` finds a mismatched group (with ``--fail-above R``: a weight-scale
+ratio above R), 2 on bad input (one line on stderr, nothing written), 3 on an internal
+error (a defect: one line, ``--debug`` shows the traceback), 130 / 143 when interrupted
+by SIGINT / SIGTERM (the staging directory removed). The work is done by
+``adapters.checkpoint``; ``adapters.report`` renders what ``inspect`` prints; this file
+parses arguments, turns signals into exceptions and draws a progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Sequence
 from typing import TextIO
 
 from safetensors import SafetensorError
@@ -21,92 +29,44 @@ from safetensors import SafetensorError
 from sharedquant.core.formats import DEFAULT_PATTERNS
 from sharedquant.core.groups import compile_patterns
 
-from .checkpoint import Inspection, Reconciliation, inspect_checkpoint, reconcile_checkpoint
+from .checkpoint import Reconciliation, inspect_checkpoint, reconcile_checkpoint
+from .convert import conversion_lines, convert_checkpoint
+from .report import exceeding, format_summary, format_table, inspection_json, summary_line
 
-__all__ = ["format_table", "inspection_json", "main"]
+__all__ = ["format_table", "inspection_json", "main", "summary_line"]  # the walkthrough notebook imports these here
 
 BAD_INPUT = 2
-# Bad input only: anything else is a defect and keeps its traceback.
+INTERNAL_ERROR = 3
 _BAD_INPUT_ERRORS = (ValueError, OSError, SafetensorError)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _scale(value: float | None) -> str:
-    return "-" if value is None else f"{value:.5e}"
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised where the process was, so every ``finally`` on the way out runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def _short(fqn: str, parent: str) -> str:
-    return fqn[len(parent) + 1 :] if parent and fqn.startswith(parent + ".") else fqn
+def _raise_interrupted(signum: int, frame) -> None:
+    for number in _SIGNALS:  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(number, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
-def format_table(inspection: Inspection, extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
-    """The ``inspect`` table: one row per member, the group's ratio and status on its first row.
-
-    Args:
-        inspection: what ``inspect_checkpoint`` returned.
-        extra: optional member FQN -> {column title: text}, shown after the status.
-    """
-    fmt = inspection.format
-    titles = list(dict.fromkeys(title for columns in (extra or {}).values() for title in columns))
-    header = ["group", "member", fmt.scale] + ([fmt.input_scale] if fmt.input_scale else []) + ["ratio", "status"]
-    rows = [header + titles]
-    for report in inspection.reports:
-        status = "ok" if report.consistent else ("MISMATCH" if report.changed else "input mismatch")
-        for position, member in enumerate(report.members):
-            first = position == 0
-            row = [report.group.parent if first else "", _short(member.fqn, report.group.parent), _scale(member.scale)]
-            row += [_scale(member.input_scale)] if fmt.input_scale else []
-            row += [f"{report.ratio:.4f}x" if first else "", status if first else ""]
-            rows.append(row + [(extra or {}).get(member.fqn, {}).get(title, "") for title in titles])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) + len(titles))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines + [summary_line(inspection)])
-
-
-def summary_line(inspection: Inspection) -> str:
-    """One line: how many groups, how many mismatched, the worst ratio."""
-    reports = inspection.reports
-    if not reports:
-        return f"no fused groups found ({inspection.format.name} format)"
-    bad = [report for report in reports if not report.consistent]
-    line = f"{len(reports)} fused groups, {len(reports) - len(bad)} consistent, {len(bad)} mismatched"
-    if bad:
-        worst = max(bad, key=lambda report: max(report.ratio, report.input_ratio))
-        line += f" (worst {max(worst.ratio, worst.input_ratio):.3f}x in {worst.group.parent or '<root>'})"
-    return f"{line}; format {inspection.format.name}"
-
-
-def inspection_json(inspection: Inspection) -> dict:
-    """The same content as the table, for scripts."""
-    fmt = inspection.format
-    groups = [
-        {
-            "parent": report.group.parent,
-            "members": [
-                {"name": m.fqn, "scale": m.scale, "input_scale": m.input_scale, "block_size": m.block_size}
-                for m in report.members
-            ],
-            "shared_scale": report.shared_scale,
-            "shared_input_scale": report.shared_input_scale,
-            "ratio": report.ratio,
-            "input_ratio": report.input_ratio,
-            "consistent": report.consistent,
-        }
-        for report in inspection.reports
-    ]
-    mismatched = [group for group in groups if not group["consistent"]]
-    return {
-        "path": str(inspection.path),
-        "format": fmt.name,
-        "scale_key": fmt.scale,
-        "input_scale_key": fmt.input_scale,
-        "groups": groups,
-        "summary": {
-            "groups": len(groups),
-            "consistent": len(groups) - len(mismatched),
-            "mismatched": len(mismatched),
-            "worst_ratio": max((max(g["ratio"], g["input_ratio"]) for g in groups), default=1.0),
-        },
-    }
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGINT and SIGTERM raise ``Interrupted`` inside the block; the old handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {number: signal.signal(number, _raise_interrupted) for number in _SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class Progress:
@@ -136,20 +96,27 @@ class Progress:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    inspection = inspect_checkpoint(args.path, args.patterns)
+    inspection = inspect_checkpoint(args.path, args.patterns, require_match=args.require_match)
     if args.json:
-        print(json.dumps(inspection_json(inspection), indent=2))
+        print(json.dumps(inspection_json(inspection, args.fail_above), indent=2))
     else:
-        print(format_table(inspection))
-    return 0 if inspection.consistent else 1
+        if args.all and inspection.reports:
+            print(format_table(inspection, closing=False), end="\n\n")
+        print(format_summary(inspection, args.fail_above))
+    return 1 if exceeding(inspection, args.fail_above) else 0
+
+
+def _scale(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5e}"
 
 
 def _change_lines(result: Reconciliation, verb: str) -> list[str]:
-    fmt, lines = result.inspection.format, []
+    lines = []
     for report in result.inspection.reports:
+        fmt = report.format
         for member in report.members:
             if member.fqn in report.changed:
-                action = f"{verb[0]} {member.fqn}" if fmt.packed else f"{verb[1]} {member.fqn}.{fmt.scale}"
+                action = f"{verb[0]} {member.fqn}" if fmt.requantizes else f"{verb[1]} {member.fqn}.{fmt.scale}"
                 lines.append(f"{action}: {_scale(member.scale)} -> {_scale(report.shared_scale)}")
             if member.fqn in report.input_changed:
                 shared = _scale(report.shared_input_scale)
@@ -163,8 +130,9 @@ def _reconcile(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr, "reconcile")
     try:
         result = reconcile_checkpoint(
-            args.path, args.out, args.patterns, force=args.force, dry_run=args.dry_run, progress=progress
-        )
+            args.path, args.out, args.patterns, force=args.force, dry_run=args.dry_run, progress=progress,
+            require_match=args.require_match,
+        )  # fmt: skip
     finally:
         progress.close()
     verb = ("would requantize", "would set") if args.dry_run else ("requantized", "set")
@@ -185,47 +153,106 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    progress = Progress(sys.stderr, "convert")
+    try:
+        result = convert_checkpoint(args.path, args.out, args.to, force=args.force, progress=progress)
+    finally:
+        progress.close()
+    print("\n".join(conversion_lines(result, every=args.all)))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # builds models: imported only when asked for
 
-    return run_demo(sys.stdout, format_table)
+    return run_demo(sys.stdout)
 
 
-def _patterns(value: str) -> str:
+def _settle_patterns(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--patterns A B`` before PATH: the last value is PATH; patterns compiled; defaults filled in."""
+    if args.command not in ("inspect", "reconcile"):
+        return
+    if args.path is None:
+        if not args.patterns or len(args.patterns) < 2:
+            parser.error(f"{args.command}: the following arguments are required: PATH")
+        args.path = args.patterns.pop()
+    args.require_match = args.patterns is not None  # a pattern the user gave must find something
+    if args.patterns is None:
+        args.patterns = list(DEFAULT_PATTERNS)
     try:
-        compile_patterns([value], where="--patterns")
+        compile_patterns(args.patterns, where="--patterns")
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-    return value
+        parser.error(f"{args.command}: {err}")
+
+
+def _ratio(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = math.nan
+    if not (math.isfinite(ratio) and ratio >= 1):
+        raise argparse.ArgumentTypeError(f"expected a ratio of scales, a finite number >= 1, got {value!r}")
+    return ratio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (sub-commands ``inspect``, ``reconcile``, ``demo``)."""
+    """The argument parser (sub-commands ``inspect``, ``reconcile``, ``convert``, ``demo``)."""
     parser = argparse.ArgumentParser(
         prog="sharedquant",
-        description="Find and repair fused NVFP4 groups (q/k/v, gate/up, w1/w3) whose members disagree "
-        "on the global scale.",
-        epilog="exit status: 0 done (inspect: every group consistent), 1 inspect found a mismatched group, 2 bad input",
+        description="Find and repair fused groups (q/k/v, gate/up, w1/w3) of NVFP4, FP8 and INT8 checkpoints "
+        "whose members disagree on the per-tensor scale.",
+        epilog="exit status: 0 done (inspect: every group consistent), 1 inspect found a mismatched group "
+        "(or a ratio above --fail-above), 2 bad input, 3 internal error, 130/143 interrupted (SIGINT/SIGTERM)",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,reconcile,demo}")
-    patterns_help = "regexes over module names, capture groups = group key (replaces the defaults: %(default)s)"
-    inspect = commands.add_parser("inspect", help="print every fused group's scales; exit 1 if any is mismatched")
-    patterns = {"nargs": "+", "metavar": "REGEX", "type": _patterns, "default": list(DEFAULT_PATTERNS)}
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,reconcile,convert,demo}")
+    patterns_help = (
+        "a regex over module names, capture groups = group key; repeat the flag for several; replaces the "
+        f"defaults ({', '.join(DEFAULT_PATTERNS)}); one that matches no module is an error"
+    )
+    patterns = {"action": "extend", "nargs": "+", "metavar": "REGEX", "default": None, "help": patterns_help}
     source_help = "a .safetensors file, or a directory with model.safetensors or model.safetensors.index.json"
-    inspect.add_argument("path", metavar="PATH", help=source_help)
-    inspect.add_argument("--patterns", **patterns, help=patterns_help)
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect = commands.add_parser(
+        "inspect", parents=[common], help="print every fused group's scales; exit 1 if any is mismatched"
+    )
+    inspect.add_argument("path", metavar="PATH", nargs="?", help=source_help)
+    inspect.add_argument("--patterns", **patterns)
+    inspect.add_argument("--json", action="store_true", help="print JSON (summary, kinds, engine rules, groups)")
+    inspect.add_argument("--all", action="store_true", help="also print the full table, one row per member")
+    fail_help = "exit 1 only if some group's weight-scale ratio exceeds RATIO (default: exit 1 on any mismatch)"
+    inspect.add_argument("--fail-above", type=_ratio, metavar="RATIO", help=fail_help)
     inspect.set_defaults(func=_inspect)
-    reconcile = commands.add_parser("reconcile", help="write a copy in which every fused group shares one scale")
-    reconcile.add_argument("path", metavar="PATH", help="the input checkpoint (never modified)")
+    reconcile = commands.add_parser(
+        "reconcile", parents=[common], help="write a copy in which every fused group shares one scale"
+    )
+    reconcile.add_argument("path", metavar="PATH", nargs="?", help="the input checkpoint (never modified)")
     reconcile.add_argument("--out", metavar="DIR", help="output directory (written to a temporary one, then renamed)")
-    reconcile.add_argument("--patterns", **patterns, help=patterns_help)
+    reconcile.add_argument("--patterns", **patterns)
     reconcile.add_argument("--force", action="store_true", help="replace an existing --out")
     reconcile.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     reconcile.set_defaults(func=_reconcile)
-    demo = commands.add_parser("demo", help="quantize two tiny models without sharing, inspect, reconcile, compare")
+    convert_help = "write a copy in the other NVFP4 layout; the values do not change"
+    convert = commands.add_parser("convert", parents=[common], help=convert_help)
+    convert.add_argument("path", metavar="PATH", help="the input checkpoint (never modified)")
+    convert.add_argument("--to", required=True, choices=["modelopt", "compressed-tensors"], help="the target layout")
+    convert.add_argument("--out", required=True, metavar="DIR", help="output directory (written beside, then renamed)")
+    convert.add_argument("--force", action="store_true", help="replace an existing --out")
+    convert.add_argument("--all", action="store_true", help="list every scale whose reciprocal does not invert")
+    convert.set_defaults(func=_convert)
+    demo_help = "quantize two tiny models without sharing, inspect, reconcile, compare"
+    demo = commands.add_parser("demo", parents=[common], help=demo_help)
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _error(args: argparse.Namespace, err: BaseException, what: str = "error") -> None:
+    """One line on stderr; the traceback too with ``--debug``."""
+    if args.debug:
+        traceback.print_exception(err)
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"sharedquant {args.command}: {what}: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,17 +260,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _settle_patterns(parser, args)
     except SystemExit as exit_:  # usage errors and --help: argparse's status, returned, not raised
         return exit_.code if isinstance(exit_.code, int) else BAD_INPUT
     try:
-        return args.func(args)
+        with _signals_raise():
+            return args.func(args)
     except BrokenPipeError:  # `| head` closed stdout: stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (Interrupted, KeyboardInterrupt) as err:  # the staging directory is gone by now
+        signum = getattr(err, "signum", signal.SIGINT)
+        if args.debug:
+            traceback.print_exception(err)
+        print(f"sharedquant {args.command}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except _BAD_INPUT_ERRORS as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"sharedquant {args.command}: error: {message}", file=sys.stderr)
+        _error(args, err)
         return BAD_INPUT
+    except Exception as err:  # a defect: still one line, but said to be ours
+        _error(args, err, f"internal error ({type(err).__name__}; rerun with --debug for the traceback)")
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ that does not share scales would (every linear layer with its own global amax), 
 each as a modelopt-style HF checkpoint in a temporary directory, shows the ``inspect``
 table, reconciles, and shows the table again with each repaired member's
 dequantization error next to the error an engine makes when it takes the group's max
-``weight_scale_2`` and keeps the member's codes and block scales. What it mutates: the
+``weight_scale_2`` and keeps the member's codes and block scales. Then the same for a
+per-tensor FP8 checkpoint (``demo_fp8``), where the engine-side repair vLLM runs at every
+load is shown beside the offline one. What it mutates: the
 demo models' weights (scaled, to give siblings realistic differences) and files under
 a temporary directory, removed at the end.
 """
@@ -13,7 +15,7 @@ a temporary directory, removed at the end.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -26,7 +28,9 @@ from sharedquant.core.reconcile import dequantize_without_rescaling
 from sharedquant.core.reduce import reduce_amax
 
 from .checkpoint import inspect_checkpoint, reconcile_checkpoint
+from .demo_fp8 import codes_unlike_vllm, fp8_member_errors, quantize_unshared_fp8
 from .models import tiny_llama, tiny_mixtral
+from .report import format_table
 
 __all__ = ["member_errors", "quantize_unshared", "run_demo", "skew_siblings_"]
 
@@ -112,7 +116,7 @@ def member_errors(
     return (repaired - reference).norm().item() / norm, (engine - reference).norm().item() / norm
 
 
-def _show(name: str, directory: Path, stream: TextIO, format_table: Callable[..., str]) -> None:
+def _show(name: str, directory: Path, stream: TextIO) -> None:
     original = load_file(directory / "unshared" / "model.safetensors")
     reconciled = load_file(directory / "reconciled" / "model.safetensors")
     before = inspect_checkpoint(directory / "unshared")
@@ -134,14 +138,45 @@ def _show(name: str, directory: Path, stream: TextIO, format_table: Callable[...
         )
 
 
-def run_demo(stream: TextIO, format_table: Callable[..., str]) -> int:
-    """Build, quantize, inspect, reconcile and compare; returns 0.
+def _show_fp8(directory: Path, floats: Mapping[str, torch.Tensor], stream: TextIO) -> None:
+    exported = load_file(directory / "unshared" / "model.safetensors")
+    reconciled = load_file(directory / "reconciled" / "model.safetensors")
+    before = inspect_checkpoint(directory / "unshared")
+    changed = [fqn for report in before.reports for fqn in report.changed]
+    errors = {fqn: fp8_member_errors(floats[fqn], exported, reconciled, fqn) for fqn in changed}
+    extra = {fqn: {f"err {name}": f"{value:.2%}" for name, value in row.items()} for fqn, row in errors.items()}
+    stream.write("\n== tiny Llama, FP8 per-tensor: as exported, each layer with its own scale (sharedquant inspect) ==\n")
+    stream.write(format_table(before) + "\n")
+    stream.write("\n== tiny Llama, FP8: after sharedquant reconcile, errors vs the float weights ==\n")
+    stream.write(format_table(inspect_checkpoint(directory / "reconciled"), extra) + "\n")
+    if changed:
+        mean = {name: sum(row[name] for row in errors.values()) / len(errors) for name in next(iter(errors.values()))}
+        stream.write(
+            f"mean relative error of the {len(changed)} repaired FP8 members: as exported {mean['exported']:.2%}, "
+            f"reconciled offline {mean['reconciled']:.2%}, vLLM load-time repair (float16) {mean['vllm load']:.2%}, "
+            f"engine max without requantizing {mean['engine max']:.2%}\n"
+        )
+        differ = sum(codes_unlike_vllm(exported, reconciled, fqn) for fqn in changed)
+        total = sum(exported[f"{fqn}.weight"].numel() for fqn in changed)
+        stream.write(
+            f"{differ} of {total} requantized codes differ from vLLM's float16 repair: the offline repair makes the "
+            "same step once, exactly, instead of at every load (and for engines that keep the codes with the max)\n"
+        )
 
-    Args:
-        stream: where the report goes.
-        format_table: the command line's ``inspect`` table (passed in: the command line
-            imports this module, so this module cannot import it back).
-    """
+
+def _fp8_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    """Write an unshared FP8 tiny Llama under ``directory``; returns its float weights by module."""
+    model = skew_siblings_(tiny_llama()).eval()
+    floats = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tokens = torch.randint(0, model.model.embed_tokens.num_embeddings, (2, 16), generator=torch.Generator().manual_seed(0))
+    state = quantize_unshared_fp8(model, _input_amax(model, tokens), _is_quantized)
+    (directory / "unshared").mkdir(parents=True)
+    save_file(state, directory / "unshared" / "model.safetensors", metadata={"format": "pt"})
+    return floats
+
+
+def run_demo(stream: TextIO) -> int:
+    """Build, quantize, inspect, reconcile and compare; returns 0."""
     stream.write(
         "sharedquant demo: fused siblings (q/k/v, gate/up, expert w1/w3) must share one NVFP4 global scale.\n"
         "Engines that meet a mismatched group take the max weight_scale_2 and keep the block scales,\n"
@@ -154,5 +189,8 @@ def run_demo(stream: TextIO, format_table: Callable[..., str]) -> int:
             state = quantize_unshared(skew_siblings_(build()).eval())
             save_file(state, directory / "unshared" / "model.safetensors", metadata={"format": "pt"})
             reconcile_checkpoint(directory / "unshared", directory / "reconciled")
-            _show(name, directory, stream, format_table)
+            _show(name, directory, stream)
+        floats = _fp8_checkpoint(Path(scratch) / "fp8")
+        reconcile_checkpoint(Path(scratch) / "fp8" / "unshared", Path(scratch) / "fp8" / "reconciled")
+        _show_fp8(Path(scratch) / "fp8", floats, stream)
     return 0

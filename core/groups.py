@@ -20,11 +20,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT_PATTERNS",
+    "MLA_PATTERN",
     "SHARED_PATTERNS",
     "SHARED_PATTERNS_ACROSS_EXPERTS",
     "Group",
     "compile_patterns",
     "find_groups",
+    "group_kind",
+    "in_role_order",
+    "is_expert",
     "join_fqn",
     "parent_fqn",
 ]
@@ -39,6 +44,25 @@ SHARED_PATTERNS_ACROSS_EXPERTS: tuple[str, ...] = (
     r"(?:(.*)\.)?(?:q_proj|k_proj|v_proj)",
     r"(?:(.*)\.)?(?:gate_proj|up_proj)",
     r"(?:(.*)\.)?(?:experts|local_experts)\.\d+\.(?:w1|w3)",
+)
+
+MLA_PATTERN = r"(?:(.*)\.)?(?:q_a_proj|kv_a_proj_with_mqa)"
+"""DeepSeek-style MLA: the two down-projections of the attention input are fused at export."""
+
+# The checkpoint tool's defaults (``inspect`` / ``reconcile``), documented here and nowhere
+# else. Each line is one set of siblings that an engine loads into ONE fused tensor with
+# ONE per-tensor scale; the fused names are those of vLLM's ``packed_modules_mapping``
+# (vllm/model_executor/models/*.py). Members are listed in the order the fused tensor
+# stacks them: the first role is the one vLLM's MoE path keeps the scale of (the gate).
+# Keep one pattern a line, each of the shape ``(?:(.*)\.)?(?:role|role...)``: that shape
+# takes find_groups' fast path (``_ROLE_PATTERN``), and a line is an easy merge.
+DEFAULT_PATTERNS: tuple[str, ...] = (
+    *SHARED_PATTERNS,  # qkv_proj, gate_up_proj (dense and per expert), Mixtral/InternLM2 w1/w3
+    MLA_PATTERN,  # fused_qkv_a_proj: DeepSeek V2/V3 MLA, deepseek_v2.py (SGLang: fused_qkv_a_proj_with_mqa)
+    r"(?:(.*)\.)?(?:in_proj_qkv|in_proj_z)",  # in_proj_qkvz: Qwen3.5 gated delta net, qwen3_5.py
+    r"(?:(.*)\.)?(?:in_proj_b|in_proj_a)",  # in_proj_ba: Qwen3.5 gated delta net, qwen3_5.py
+    r"(?:(.*)\.)?(?:to_q|to_k|to_v)",  # diffusers Attention.fuse_projections: to_qkv
+    r"(?:(.*)\.)?(?:add_q_proj|add_k_proj|add_v_proj)",  # diffusers joint attention: to_added_qkv
 )
 
 GroupKey = tuple[int, tuple["str | None", ...]]
@@ -202,3 +226,63 @@ def _buckets_by_role(names: Iterable[str], first: dict[str, int]) -> _Buckets:
         if index is not None:
             buckets.setdefault((index, prefix, dot), []).append(name)
     return [((index, (prefix if dot else None,)), prefix, members) for (index, prefix, dot), members in buckets.items()]
+
+
+# The last ``(?:word|word...)`` of a pattern: the alternation that names the roles.
+_ALTERNATION = re.compile(r"\(\?:(\w+(?:\|\w+)+)\)")
+# An expert's own module: ``...experts.7`` (Mixtral's ``block_sparse_moe.experts.7``, DeepSeek's
+# ``mlp.experts.7``); shared experts (``mlp.shared_experts``) are dense layers to an engine.
+_EXPERT = re.compile(r"(?:^|\.)(?:experts|local_experts)\.\d+$")
+
+
+def _roles(pattern: str) -> tuple[str, ...]:
+    """The role names of a pattern's last word alternation (``()`` when it has none)."""
+    found = _ALTERNATION.findall(pattern)
+    return tuple(found[-1].split("|")) if found else ()
+
+
+def in_role_order(groups: Sequence[Group], patterns: Sequence[str]) -> tuple[Group, ...]:
+    """The groups with their members in the order of their pattern's role alternation.
+
+    ``find_groups`` keeps members in first-seen order (``k_proj`` before ``q_proj`` in a
+    sorted checkpoint); this orders each module's siblings as the pattern names them
+    (q, k, v; gate, up), modules in first-seen order. A member whose last name component
+    is not one of the roles keeps its place after those that are.
+
+    Args:
+        groups: what ``find_groups(names, patterns)`` returned.
+        patterns: the same patterns (a group's key holds its pattern's index).
+    """
+    ranks = [{role: rank for rank, role in enumerate(_roles(pattern))} for pattern in patterns]
+    ordered = []
+    for group in groups:
+        rank = ranks[group.key[0]]
+        splits = [fqn.rpartition(".") for fqn in group.members]
+        # module (first-seen), then role: one sort key a member, no regex (this runs per group of 40k)
+        modules = {prefix: index for index, prefix in enumerate(dict.fromkeys(split[0] for split in splits))}
+        keys = [(modules[prefix], rank.get(last, len(rank))) for prefix, _, last in splits]
+        if all(a <= b for a, b in zip(keys, keys[1:])):
+            ordered.append(group)  # already in order: the same value back
+        else:
+            members = tuple(group.members[i] for i in sorted(range(len(keys)), key=keys.__getitem__))  # stable
+            ordered.append(Group(group.key, group.parent, members))
+    return tuple(ordered)
+
+
+def is_expert(fqn: str) -> bool:
+    """Whether module ``fqn`` is one routed expert of an MoE layer (``...experts.<index>``)."""
+    return _EXPERT.search(fqn) is not None
+
+
+def group_kind(group: Group) -> str:
+    """A group's kind, from its members' last name components: ``"q_proj/k_proj/v_proj"``.
+
+    Siblings inside one routed expert get ``" (per expert)"``; a group whose members
+    repeat a role (one group across the experts of a layer) gets ``" (across experts)"``.
+    Engines treat these differently, so they are summarised apart.
+    """
+    lasts = [fqn.rpartition(".")[2] for fqn in group.members]
+    roles = "/".join(dict.fromkeys(lasts))
+    if len(set(lasts)) < len(lasts):
+        return f"{roles} (across experts)"
+    return f"{roles} (per expert)" if is_expert(parent_fqn(group.members[0])) else roles

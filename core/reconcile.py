@@ -1,4 +1,4 @@
-"""Reconciling fused groups of an NVFP4 checkpoint. Pure: scales and tensors in, reports and new tensors out.
+"""Reconciling fused groups of a quantized checkpoint. Pure: scales and tensors in, reports and new tensors out.
 
 A fused group is consistent when its members hold one per-tensor scale. Inference
 engines that meet a mismatched group take the coarsest scale and keep every member's
@@ -16,12 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .formats import Format
 from .groups import Group
 from .nvfp4 import E2M1_MAX, E4M3_MAX, NVFP4Tensor, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
+
+if TYPE_CHECKING:  # formats' NVFP4 classes requantize through this module: no import back at run time
+    from .formats import Format
 
 __all__ = [
     "GroupReport",
@@ -68,6 +71,7 @@ class GroupReport:
     members: tuple[MemberScales, ...]
     shared_scale: float
     shared_input_scale: float | None
+    format: Format | None = None
 
     @property
     def ratio(self) -> float:
@@ -102,7 +106,7 @@ class GroupReport:
 
 def shared_value(values: Sequence[float], fmt: Format) -> float:
     """The coarsest of ``values``: the largest, or the smallest for a reciprocal format."""
-    return min(values) if fmt.reciprocal else max(values)
+    return fmt.shared(values)
 
 
 def _check_scale(fqn: str, what: str, value: float | None) -> None:
@@ -110,28 +114,43 @@ def _check_scale(fqn: str, what: str, value: float | None) -> None:
         raise ValueError(f"report_groups: {fqn!r} has a {what} of {value!r}; expected a finite positive scale")
 
 
-def report_groups(groups: Sequence[Group], scales: Mapping[str, MemberScales], fmt: Format) -> tuple[GroupReport, ...]:
+def _group_format(group: Group, fmt: Format | Mapping[str, Format]) -> Format:
+    """The one format of a group's members; members in different formats cannot be fused."""
+    if not isinstance(fmt, Mapping):
+        return fmt
+    formats = {fqn: fmt[fqn] for fqn in group.members}
+    if len({f.name for f in formats.values()}) > 1:
+        listing = ", ".join(f"{fqn}={f.name}" for fqn, f in formats.items())
+        raise ValueError(f"report_groups: members of group {group.parent!r} are in different formats: {listing}")
+    return formats[group.members[0]]
+
+
+def report_groups(
+    groups: Sequence[Group], scales: Mapping[str, MemberScales], fmt: Format | Mapping[str, Format]
+) -> tuple[GroupReport, ...]:
     """A report per group, with the values its members should share.
 
     Args:
         groups: the fused groups (from ``find_groups`` over the checkpoint's members).
         scales: member FQN -> its scales; every member of every group must be present.
-        fmt: the checkpoint's format (whether the shared value is the max or the min).
+        fmt: the checkpoint's format, or member FQN -> its format (a checkpoint that mixes
+            formats per module): whether the shared value is the max or the min.
 
     Returns:
         One ``GroupReport`` per group, in order.
 
     Raises:
-        KeyError: a group member has no entry in ``scales``.
-        ValueError: a scale is not finite and positive, or the members of a group
-            disagree on the block size (such a group cannot be fused).
+        KeyError: a group member has no entry in ``scales`` (or in ``fmt``).
+        ValueError: a scale is not finite and positive, the members of a group disagree
+            on the block size or the format.
     """
     reports = []
     for group in groups:
+        group_format = _group_format(group, fmt)
         members = tuple(scales[fqn] for fqn in group.members)
         for member in members:
-            _check_scale(member.fqn, fmt.fallback if member.derived else fmt.scale, member.scale)
-            _check_scale(member.fqn, fmt.input_scale or "input scale", member.input_scale)
+            _check_scale(member.fqn, group_format.fallback if member.derived else group_format.scale, member.scale)
+            _check_scale(member.fqn, group_format.input_scale or "input scale", member.input_scale)
         sizes = {member.block_size for member in members}
         if len(sizes) > 1:
             listing = ", ".join(f"{m.fqn}={m.block_size}" for m in members)
@@ -141,8 +160,9 @@ def report_groups(groups: Sequence[Group], scales: Mapping[str, MemberScales], f
             GroupReport(
                 group=group,
                 members=members,
-                shared_scale=shared_value([m.scale for m in members], fmt),
-                shared_input_scale=shared_value(inputs, fmt) if inputs else None,
+                shared_scale=group_format.shared([m.scale for m in members]),
+                shared_input_scale=group_format.shared(inputs) if inputs else None,
+                format=group_format,
             )
         )
     return tuple(reports)
@@ -150,12 +170,7 @@ def report_groups(groups: Sequence[Group], scales: Mapping[str, MemberScales], f
 
 def weight_scale_2(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
     """A stored per-tensor scale as ``weight_scale_2`` (fp32, 0-dim), whatever the format stores."""
-    value = scale.reshape(()).to(torch.float32)
-    if fmt.reciprocal:
-        return torch.reciprocal(value)
-    if fmt.packed is None:
-        return nvfp4_global_scale(value)
-    return value
+    return fmt.weight_scale_2(scale)
 
 
 def global_amax_for(scale_2: torch.Tensor) -> tuple[torch.Tensor, bool]:

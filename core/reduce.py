@@ -152,13 +152,24 @@ def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Te
     return reduced.view(tensor.dtype).to(torch.get_default_dtype())
 
 
+_INT64_MIN = -(2**63)
+
+
 def _integer_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Tensor:
     dims = axis if axis is not None else tuple(range(tensor.dim()))
+    if tensor.dtype in (torch.uint16, torch.uint32):  # torch has no max kernel for them; int64 holds them
+        tensor = tensor.to(torch.int64)
+    elif tensor.dtype == torch.uint64:
+        raise TypeError("reduce_amax: uint64 is not supported (torch has no max kernel for it, int64 cannot hold it)")
     high = tensor.amax(dim=dims, keepdim=True)
     # dtype.is_signed, not Tensor.is_signed(): dynamo cannot trace the method (graph break)
     if tensor.dtype == torch.bool or not tensor.dtype.is_signed:
         return high
     low = tensor.amin(dim=dims, keepdim=True)
+    # int64's minimum has no int64 magnitude (abs wraps to -2**63, which max() then drops)
+    if tensor.dtype == torch.int64 and not is_traced(tensor) and bool((low == _INT64_MIN).any()):
+        raise ValueError("reduce_amax: int64 input holds -2**63, whose magnitude 2**63 int64 cannot hold; "
+                         "convert it to float64 first")  # fmt: skip
     return torch.maximum(high.to(torch.int64).abs(), low.to(torch.int64).abs())
 
 

@@ -26,6 +26,24 @@ def find_quantized(keys, quantizer: str = "weight_quantizer") -> tuple[str, ...]
     return tuple([key[:cut] if key != root else "" for key in keys if key.endswith(suffix) or key == root])
 
 
+def _check_non_negative(state_dict: Mapping[str, torch.Tensor], keys: Sequence[str]) -> None:
+    """Refuse a negative ``_amax``, naming its key; one pass over all of them when they concatenate."""
+    tensors = [state_dict[key] for key in keys]
+    if not tensors or torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return  # wrong types are finalize's to name
+    try:
+        if not bool(torch.cat([t.reshape(-1) for t in tensors]).lt(0).any()):
+            return
+    except RuntimeError:  # several devices, dtypes that do not concatenate, float8: look one by one
+        pass
+    for key, tensor in zip(keys, tensors):
+        if tensor.is_floating_point() and tensor.element_size() == 1:
+            tensor = tensor.float()  # torch has no float8 comparison kernel
+        if tensor.numel() and not tensor.is_meta and bool(tensor.lt(0).any()):
+            low = tensor.min().item()
+            raise ValueError(f"unify_state_dict: {key!r} holds a negative amax ({low}); an amax is a magnitude")
+
+
 def unify_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     patterns: Sequence[str] | None = SHARED_PATTERNS,
@@ -48,12 +66,14 @@ def unify_state_dict(
 
     Raises:
         TypeError: ``state_dict`` is not a mapping.
-        ValueError: a bad pattern, or a non-finite member amax (named).
+        ValueError: a bad pattern, or a non-finite or negative ``_amax`` (named): a
+            calibrated amax is a magnitude, so a negative one is a corrupt state dict.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"unify_state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
     unified = dict(state_dict)  # one copy, which the entries are then added to
     names = find_quantized(unified, quantizer)  # a plain dict iterates faster than an OrderedDict
+    _check_non_negative(unified, [f"{name}.{quantizer}.{AMAX}" if name else f"{quantizer}.{AMAX}" for name in names])
     groups = find_groups(names, patterns)
     unified.update(global_amax_entries(groups, unified, names=names, quantizer=quantizer))
     return unified

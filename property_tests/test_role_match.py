@@ -7,9 +7,21 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharedquant.core.groups import SHARED_PATTERNS, SHARED_PATTERNS_ACROSS_EXPERTS, _buckets, find_groups, parent_fqn
+from sharedquant.core.groups import (
+    DEFAULT_PATTERNS,
+    SHARED_PATTERNS,
+    SHARED_PATTERNS_ACROSS_EXPERTS,
+    _buckets,
+    find_groups,
+    in_role_order,
+    parent_fqn,
+)
 
-PARTS = st.sampled_from(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3", "w2", "experts", "0", "17", "x", ""])
+# Every role of the default checkpoint vocabulary, and names that share its prefixes and suffixes.
+VOCABULARY = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3", "w2", "q_a_proj", "kv_a_proj_with_mqa",
+              "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "to_q", "to_k", "to_v", "to_out",
+              "add_q_proj", "add_k_proj", "add_v_proj"]  # fmt: skip
+PARTS = st.sampled_from([*VOCABULARY, "experts", "0", "17", "x", ""])
 NAMES = st.lists(PARTS, min_size=1, max_size=5).map(".".join)
 ROLES = st.lists(st.sampled_from(["q_proj", "k_proj", "w1", "w3", "up_proj", "a1", "b_2"]), min_size=1, max_size=3, unique=True)
 ROLE_PATTERNS = st.lists(ROLES.map(lambda roles: r"(?:(.*)\.)?(?:" + "|".join(roles) + ")"), min_size=1, max_size=4)
@@ -36,7 +48,7 @@ def test_role_shortcut_equals_the_first_fullmatch(name, patterns):
 
 @given(name=NAMES)
 def test_default_pattern_sets_agree_with_the_first_fullmatch(name):
-    for patterns in (SHARED_PATTERNS, SHARED_PATTERNS_ACROSS_EXPERTS):
+    for patterns in (SHARED_PATTERNS, SHARED_PATTERNS_ACROSS_EXPERTS, DEFAULT_PATTERNS):
         assert bucket_key(patterns, name) == first_fullmatch(patterns, name)
 
 
@@ -62,3 +74,16 @@ def test_role_shortcut_groups_like_the_regex_loop_with_the_shared_prefix_as_pare
     groups = find_groups(names, patterns)
     assert [(group.key, group.members) for group in groups] == regex_buckets(patterns, names)
     assert all(parent_fqn(member) == group.parent for group in groups for member in group.members)
+
+
+@given(names=st.lists(NAMES, max_size=24), patterns=st.sampled_from([DEFAULT_PATTERNS, SHARED_PATTERNS_ACROSS_EXPERTS]))
+def test_role_order_permutes_each_group_into_its_alternation_order(names, patterns):
+    groups = find_groups(names, patterns)
+    ordered = in_role_order(groups, patterns)
+    assert [(g.key, g.parent, sorted(g.members)) for g in ordered] == [(g.key, g.parent, sorted(g.members)) for g in groups]
+    for group in ordered:
+        roles = re.findall(r"\(\?:(\w+(?:\|\w+)+)\)", patterns[group.key[0]])[-1].split("|")
+        by_parent = {}
+        for member in group.members:
+            by_parent.setdefault(parent_fqn(member), []).append(roles.index(member.rpartition(".")[2]))
+        assert all(positions == sorted(positions) for positions in by_parent.values())

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from sharedquant.adapters import checkpoint as ckpt
 from sharedquant.adapters.checkpoint import CheckpointError, inspect_checkpoint, open_checkpoint, reconcile_checkpoint
+from sharedquant.core import reconcile as core_reconcile
 from sharedquant.core.nvfp4 import nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
 from sharedquant.core.reconcile import dequantize_without_rescaling
 from sharedquant.core.reduce import reduce_amax
@@ -109,7 +110,7 @@ def test_inspect_reports_the_mismatched_groups_and_their_ratios(variant):
         report = reports[fqn.rpartition(".")[0]]
         scales = [state[f"{m}.weight_scale_2"].item() for m in report.group.members]
         assert report.changed == (fqn,) and report.ratio == max(scales) / min(scales) > 1.3
-    assert reports[ATTN.format(0)].input_changed == (f"{ATTN.format(0)}.k_proj", f"{ATTN.format(0)}.q_proj")
+    assert reports[ATTN.format(0)].input_changed == (f"{ATTN.format(0)}.q_proj", f"{ATTN.format(0)}.k_proj")
     assert reports[MLP.format(0)].consistent
 
 
@@ -284,10 +285,10 @@ def test_a_failure_midway_leaves_nothing_behind(variant, tmp_path, monkeypatch):
         calls.append(args)
         if len(calls) == 2:
             raise ValueError("requantize: simulated failure")
-        return ckpt.requantize.__wrapped__(*args)
+        return failing.__wrapped__(*args)
 
-    failing.__wrapped__ = ckpt.requantize
-    monkeypatch.setattr(ckpt, "requantize", failing)
+    failing.__wrapped__ = core_reconcile.requantize  # the NVFP4 formats requantize through it
+    monkeypatch.setattr(core_reconcile, "requantize", failing)
     with pytest.raises(ValueError, match="simulated failure"):
         reconcile_checkpoint(directory, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

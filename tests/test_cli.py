@@ -33,12 +33,12 @@ def run(capsys, *argv):
 
 
 def test_inspect_prints_a_table_and_exits_1_when_a_group_is_mismatched(unshared, capsys):
-    status, out, err = run(capsys, "inspect", unshared)
+    status, out, err = run(capsys, "inspect", unshared, "--all")
     assert status == 1 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["group", "member", "weight_scale_2", "input_scale", "ratio", "status"]
+    assert lines[0].split() == ["group", "member", "weight_scale_2", "input_scale", "ratio", "input", "ratio", "status"]
     attention = next(line for line in lines if line.startswith("model.layers.0.self_attn"))
-    assert "MISMATCH" in attention and float(attention.split()[-2].rstrip("x")) > 2
+    assert "MISMATCH" in attention and float(attention.split()[-3].rstrip("x")) > 2
     assert lines[-1].startswith("2 fused groups, 0 consistent, 2 mismatched (worst ")
 
 
@@ -142,7 +142,7 @@ def bad_index_values(unshared, tmp):
 def bad_unknown_format(unshared, tmp):
     (tmp / "ckpt").mkdir()
     save_file({"model.norm.weight": torch.ones(4)}, tmp / "ckpt" / "model.safetensors")
-    return tmp / "ckpt", "no key of a known NVFP4 format"
+    return tmp / "ckpt", "no key of a known quantized format"
 
 
 def bad_block_sizes(unshared, tmp):

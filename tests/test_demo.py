@@ -43,7 +43,7 @@ def test_member_errors_are_zero_for_an_untouched_member_and_large_for_engine_max
 def test_the_demo_shows_both_tables_and_reconciled_errors_far_below_engine_max(capsys):
     assert main(["demo"]) == 0
     text = capsys.readouterr().out
-    assert text.count("(sharedquant inspect)") == 2 and text.count("after sharedquant reconcile") == 2
+    assert text.count("(sharedquant inspect)") == 3 and text.count("after sharedquant reconcile") == 3  # + FP8
     assert re.search(r"\d+ fused groups, 0 consistent, \d+ mismatched", text)
     assert re.search(r"\d+ fused groups, \d+ consistent, 0 mismatched", text)
     summaries = re.findall(r"repaired members: reconciled ([\d.]+)%, engine max without rescaling ([\d.]+)%", text)

@@ -176,3 +176,15 @@ def test_global_amax_entries_cover_exactly_the_members_given(calibrated):
     assert set(entries) == {global_amax(m) for g in groups for m in g.members}
     unified = unify_state_dict(calibrated)
     assert all(torch.equal(entries[k], unified[k]) for k in entries)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_unify_state_dict_refuses_a_negative_amax_naming_its_key(dtype):
+    state = {
+        "layers.0.q_proj.weight_quantizer._amax": torch.tensor([1.0, 2.0]),
+        "layers.0.k_proj.weight_quantizer._amax": torch.tensor([0.5, -3.0]).to(dtype),
+    }
+    with pytest.raises(ValueError, match=r"'layers.0.k_proj.weight_quantizer._amax' holds a negative amax \(-3.0\)"):
+        unify_state_dict(state)
+    state["layers.0.k_proj.weight_quantizer._amax"] = torch.tensor([0.5, 3.0]).to(dtype)
+    assert unify_state_dict(state)["layers.0.k_proj.weight_quantizer._global_amax"] == 3.0
