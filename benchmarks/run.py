@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     with_peer = not args.no_peer
     steps = lifecycle.run(sizes, repeats=repeats, device=device, with_peer=with_peer)
     reduce_rows = reductions.run(
-        elements, fp8_elements, repeats=max(repeats, 3), device=device, with_peer=with_peer, isolate=not args.quick
+        elements, fp8_elements, repeats=repeats if args.quick else max(repeats, 3), device=device, with_peer=with_peer, isolate=not args.quick
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = args.out.with_suffix(".png")
