@@ -16,6 +16,7 @@ wrapper whose ``.group`` is ``None`` means the default (world) group, as there.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +24,18 @@ import torch
 import torch.distributed as dist
 
 from sharedquant.core.lifecycle import sync
+from sharedquant.core.groups import Group
 from sharedquant.core.state import SharedAmax
 
-__all__ = ["SYNC_ERROR", "ParallelState", "group_all_reduce", "process_groups", "resolve_group", "sync_shared_amax"]
+__all__ = [
+    "SYNC_ERROR",
+    "ParallelState",
+    "group_all_reduce",
+    "process_groups",
+    "resolve_group",
+    "sync_by_process_groups",
+    "sync_shared_amax",
+]
 
 SYNC_ERROR = "Failed to sync shared weight global_amax"
 _FIELDS = ("expert_model_parallel_group", "tensor_parallel_group")
@@ -166,3 +176,33 @@ def sync_shared_amax(state: SharedAmax, parallel_state: Any) -> SharedAmax:
     for group in process_groups(parallel_state, "sync_shared_amax"):
         state = sync(state, group_all_reduce(group))
     return state
+
+
+def sync_by_process_groups(groups: Sequence[Group], values: torch.Tensor, parallel_states: Sequence) -> torch.Tensor:
+    """``sync_shared_amax`` over every group at once: one collective per distinct set of process groups.
+
+    Args:
+        groups: the groups, one per value.
+        values: each group's local value (``-inf`` where unset: it still takes part).
+        parallel_states: each group's parallel state (``None``: not synced).
+
+    Returns:
+        The values, reduced where a group has process groups; ``values`` is untouched.
+    """
+    # Keyed by the process groups, not the ParallelState object: the peer gives every
+    # module its own object, which would cost one collective per group.
+    batches: dict[tuple[int, ...], tuple[object, list[int]]] = {}
+    resolved: dict[int, tuple[int, ...]] = {}
+    for position, parallel_state in enumerate(parallel_states):
+        if parallel_state is None:
+            continue
+        key = resolved.get(id(parallel_state))
+        if key is None:
+            key = resolved[id(parallel_state)] = tuple(map(id, process_groups(parallel_state, "populate")))
+        if key:
+            batches.setdefault(key, (parallel_state, []))[1].append(position)
+    for parallel_state, positions in batches.values():
+        index = torch.tensor(positions, device=values.device)
+        local = SharedAmax(tuple(groups[p] for p in positions), values[index])
+        values = values.index_put((index,), sync_shared_amax(local, parallel_state).global_amax)
+    return values

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from sharedquant.core.groups import Group, compile_patterns, find_groups
@@ -21,6 +22,7 @@ from .quantizer import TensorQuantizer
 __all__ = [
     "CONTAINERS",
     "discover_groups",
+    "first_parallel_state",
     "find_shared_input_groups",
     "is_quantized",
     "is_quantized_column_parallel_linear",
@@ -31,6 +33,7 @@ __all__ = [
     "representative_weight_quantizer",
     "walk_modules",
     "weight_attr_names",
+    "weight_device",
 ]
 
 
@@ -67,6 +70,28 @@ def walk_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     visit("", model)
     return found
+
+
+def first_parallel_state(members: Sequence[nn.Module]):
+    """The first ``parallel_state`` a member carries, or ``None``.
+
+    It is an instance attribute on ``QuantLinear`` and a class-level property on the
+    peer's modules; ``getattr`` on a module without one would raise and catch an
+    ``AttributeError`` in ``nn.Module.__getattr__``, per member.
+    """
+    for member in members:
+        found = vars(member).get("parallel_state")
+        if found is None and hasattr(type(member), "parallel_state"):
+            found = getattr(member, "parallel_state", None)
+        if found is not None:
+            return found
+    return None
+
+
+def weight_device(members: Sequence[nn.Module]) -> torch.device:
+    """Where the members' weights live (the device a collective must use), CPU if nowhere."""
+    weights = (p for m in members for p in m.parameters(recurse=False) if not p.is_meta)
+    return next((p.device for p in weights), torch.device("cpu"))
 
 
 def _enabled_quantizer(module: nn.Module, attr: str) -> bool:

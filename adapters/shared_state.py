@@ -1,49 +1,38 @@
 """Shared quantization state on real modules: ``SharedQuantState`` and ``SharedWeightGlobalAmaxState``.
 
-A state is an ``nn.Module`` registered at its group's parent, in the parent's
-``_shared_quant_states`` list, holding the group's canonical tensor(s) as
-non-persistent buffers; member quantizers are tied to them (``tying.tie_``).
-The adapter is thin: discovery, finalize, sync and restore are the core's pure
-functions, run over all states at once; this file only moves their results into
-buffers and ties. What it mutates: the parents (state lists, one load hook each),
-the states' buffers and the member quantizers' buffers.
+A state is an ``nn.Module`` appended to its group's parent's ``_shared_quant_states``
+``ModuleList``; it holds the group's canonical tensor(s) as non-persistent buffers,
+and the member quantizers are tied to them (``tying.tie_``). The math is the core's:
+``populate`` gathers every member's ``_amax`` in one loop, hands them to
+``core.lifecycle.group_amax`` once, syncs with one collective per process group and
+ties in one loop. What this file mutates: the parents (a state list and one load
+pre-hook each, both through torch's public API), the states' buffers, and, through
+``tying``, the member quantizers' buffers.
+
+The extension contract: a subclass that overrides ``finalize``, ``sync`` or
+``tie_member_quantizer`` has those methods called per state; the batched path only
+stands in for this file's own methods.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import chain, repeat
-from operator import attrgetter, is_, itemgetter
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from sharedquant.core import config
+from sharedquant.core import config, lifecycle
 from sharedquant.core.groups import SHARED_PATTERNS, Group
 from sharedquant.core.reduce import round_up_to_fp32
 from sharedquant.core.state import UNSET, SharedAmax
 
-from .blank_modules import fields_only
-from .modules import discover_groups
+from .distributed import sync_by_process_groups, sync_shared_amax
+from .modules import discover_groups, first_parallel_state, quantizer_attr, weight_device
 from .quantizer import TensorQuantizer
-from .state_batch import (
-    MemberQuantizers,
-    Probe,
-    StateBatch,
-    assign,
-    finalize_tensor,
-    finalize_values,
-    first_parallel_state,
-    first_parallel_states,
-    member_device,
-    restore_values,
-    sync_by_parallel_state,
-)
-from .state_index import holding, indexed_states, membership_changed, track
-from .state_registry import SHARED_STATES, attach_groups
-from .tying import is_tied, keep_fp32_, tie_, tie_all_, untie_
+from .state_lists import SHARED_STATES, attach_groups, state_list
+from .tying import is_tied, keep_fp32_, tie_, untie_
 
 __all__ = ["SHARED_STATES", "SharedQuantState", "SharedWeightGlobalAmaxState", "iter_shared_quant_states"]
 
@@ -61,44 +50,38 @@ class SharedQuantState(nn.Module, ABC):
     target_quantizer_kind: ClassVar[str] = "weight"
     default_patterns: ClassVar[tuple[str, ...]] = ()
 
-    def __new__(cls, *args, **kwargs):
-        # Here, not in __init__: copy, unpickling and blank_modules make states
-        # without __init__, and every live state must be counted.
-        state = super().__new__(cls)
-        track(state)
-        return state
-
-    @fields_only
     def __init__(self) -> None:
         """An empty state: no parent, no members, no hooks."""
         super().__init__()
-        # Plain attributes, not submodules: the members and parent already live in
-        # the model tree, registering them here would duplicate them in state_dict.
-        self.__dict__.update(_parent=None, _members=(), _hook_handles=[], _group=None)
+        # The parent is a plain attribute, not a submodule: it already lives in the model
+        # tree, and registering it here would put a cycle into modules() and state_dict.
+        object.__setattr__(self, "_parent", None)
+        self._members: tuple[nn.Module, ...] = ()
+        self._hook_handles: list = []
+        self._group: Group | None = None
 
     # -- membership -------------------------------------------------------------------
     def set_members(self, parent: nn.Module, members: Sequence[nn.Module]) -> None:
         """Set the owning parent and the member modules."""
-        self.__dict__["_parent"] = parent
-        self.__dict__["_members"] = tuple(members)
-        membership_changed()
+        object.__setattr__(self, "_parent", parent)
+        self._members = tuple(members)
 
     @property
     def members(self) -> tuple[nn.Module, ...]:
         """The member modules."""
-        return self.__dict__["_members"]
+        return self._members
 
     @property
     def group(self) -> Group:
         """The core's view of this state: key, parent FQN and member FQNs."""
-        group = self.__dict__["_group"]
-        if group is None:  # set_members without attach: name members by position
-            group = Group(key=(-1, (str(id(self)),)), parent="", members=tuple(f"<member {i}>" for i in range(len(self.members))))
-        return group
+        if self._group is None:  # set_members without attach: name members by position
+            return Group(key=(-1, ()), parent="", members=tuple(f"<member {i}>" for i in range(len(self._members))))
+        return self._group
 
     def member_quantizers(self) -> list[nn.Module]:
         """The members' target quantizers (members without one are left out)."""
-        return [q for q in MemberQuantizers.of([self]).quantizers if q is not None]
+        attr = quantizer_attr(self.target_quantizer_kind)
+        return [q for q in (getattr(m, attr, None) for m in self._members) if q is not None]
 
     # -- hooks ------------------------------------------------------------------------
     def install_hooks(self) -> None:
@@ -106,9 +89,9 @@ class SharedQuantState(nn.Module, ABC):
 
     def remove_hooks(self) -> None:
         """Remove the hooks ``install_hooks`` installed."""
-        for handle in self.__dict__["_hook_handles"]:
+        for handle in self._hook_handles:
             handle.remove()
-        self.__dict__["_hook_handles"] = []
+        self._hook_handles = []
 
     # -- values -----------------------------------------------------------------------
     def finalize(self) -> bool:
@@ -134,19 +117,15 @@ class SharedQuantState(nn.Module, ABC):
         for quantizer in self.member_quantizers():
             self.tie_member_quantizer(quantizer)
 
-    @classmethod
-    def tie_states(cls, batch: StateBatch) -> None:
-        """``tie_member_quantizers`` on every state of ``batch`` (subclasses tie them all at once)."""
-        for state in batch.states:
-            state.tie_member_quantizers()
-
     def restore_from_members(self) -> bool:
         """Rebuild the canonical buffers from the members' loaded ones and tie; return whether any was set.
 
         Raises:
             ValueError: the members disagree (nothing is tied).
         """
-        values = {attr: restore_values([self], attr)[0] for attr in self.managed_attrs}
+        qattr = quantizer_attr(self.target_quantizer_kind)
+        quantizers = [getattr(m, qattr, None) for m in self._members]
+        values = {attr: _restored((self.group,), quantizers, qattr, attr)[0] for attr in self.managed_attrs}
         for attr, value in values.items():
             if value is not None:
                 self._set_value(attr, value)
@@ -154,10 +133,7 @@ class SharedQuantState(nn.Module, ABC):
         return any(value is not None for value in values.values())
 
     def _set_value(self, attr: str, value: torch.Tensor | None) -> None:
-        if attr in self._buffers:
-            self._buffers[attr] = value
-        else:
-            self.register_buffer(attr, value, persistent=False)
+        self.register_buffer(attr, value, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.half() give every buffer a new tensor, ending the aliases; keep
@@ -195,22 +171,31 @@ class SharedQuantState(nn.Module, ABC):
     @classmethod
     @torch.no_grad()
     def populate(cls, model: nn.Module) -> int:
-        """Finalize and sync every state of this class in ``model``; return how many hold a value."""
-        batch = _batch_of(model, cls)
-        populated = [state for state, ok in zip(batch.states, cls._populate_states(batch)) if ok]
-        if any(map(itemgetter("_hook_handles"), map(_DICT, populated))):
-            for state in populated:
-                if state.__dict__["_hook_handles"]:
-                    state.remove_hooks()  # calibration is over
-        return len(populated)
+        """Finalize and sync every state of this class in ``model``; return how many were populated.
+
+        A state whose ``finalize`` returns ``False`` is skipped (its hooks stay); the
+        others are synced and their hooks removed: calibration is over.
+        """
+        states = list(iter_shared_quant_states(model, cls))
+        batched = [type(state)._batches_populate() for state in states]
+        done = set(map(id, _populate_batched([s for s, b in zip(states, batched) if b]))) if any(batched) else set()
+        count = 0
+        for state, batch in zip(states, batched):
+            if batch:
+                if id(state) not in done:
+                    continue
+            elif state.finalize():  # an override, called per state as the seed's contract says
+                state.sync(first_parallel_state(state.members))
+            else:
+                continue
+            state.remove_hooks()
+            count += 1
+        return count
 
     @classmethod
-    def _populate_states(cls, batch: StateBatch) -> list[bool]:
-        """Finalize and sync the states of ``batch``; whether each now holds a value."""
-        for state in batch.states:
-            if state.finalize():
-                state.sync(first_parallel_state(state))
-        return [SharedQuantState.finalize(state) for state in batch.states]
+    def _batches_populate(cls) -> bool:
+        """Whether ``_populate_batched`` stands in for this class's ``finalize`` and ``sync`` (none does here)."""
+        return False
 
     @classmethod
     def restore(cls, model: nn.Module, patterns: Sequence[str] | None = None) -> None:
@@ -223,15 +208,16 @@ class SharedQuantState(nn.Module, ABC):
         """
         patterns = cls.default_patterns if patterns is None else patterns
         groups, modules = discover_groups(model, patterns, cls.target_quantizer_kind, where=f"{cls.__name__}.restore")
-        probes = [Probe(group, tuple(modules[m] for m in group.members), cls.target_quantizer_kind) for group in groups]
-        members = MemberQuantizers.of(probes)  # the states attached below have these same members
-        values = {attr: restore_values(probes, attr, members) for attr in cls.managed_attrs}
-        states = [state for state, _ in attach_groups(cls, groups, modules, members)]
-        for position, state in enumerate(states):
-            for attr in cls.managed_attrs:
-                if values[attr][position] is not None:
-                    state._set_value(attr, values[attr][position])
-        cls.tie_states(StateBatch.of(states, members))
+        attr = quantizer_attr(cls.target_quantizer_kind)
+        quantizers = [getattr(modules[m], attr, None) for group in groups for m in group.members]
+        values = {name: _restored(groups, quantizers, attr, name) for name in cls.managed_attrs}
+        states = [state for state, _ in attach_groups(cls, groups, modules)]
+        for name, restored in values.items():
+            for state, value in zip(states, restored):
+                if value is not None:
+                    state._set_value(name, value)
+        for state in states:
+            state.tie_member_quantizers()
 
     @classmethod
     def metadata(cls, model: nn.Module) -> dict[str, bool]:
@@ -247,7 +233,6 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
     target_quantizer_kind: ClassVar[str] = "weight"
     default_patterns: ClassVar[tuple[str, ...]] = SHARED_PATTERNS
 
-    @fields_only
     def __init__(self) -> None:
         """A state with an unset (``None``) canonical ``global_amax``."""
         super().__init__()
@@ -279,31 +264,13 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
         value = self._buffers.get("_global_amax")
         if value is None or not _holds_global_amax(quantizer):
             return False
-        tie_all_((quantizer,), "_global_amax", (value,))
+        tie_(quantizer, "_global_amax", value)
         return True
-
-    def tie_member_quantizers(self) -> None:
-        """Tie every member quantizer that can hold a global amax (none while unset)."""
-        type(self).tie_states(StateBatch.of([self]))
-
-    @classmethod
-    def tie_states(cls, batch: StateBatch) -> None:
-        """Tie the members of every state of ``batch`` in one pass."""
-        members = batch.members
-        state_values = map(dict.get, batch.state_buffers, repeat("_global_amax"))
-        values = list(chain.from_iterable(map(repeat, state_values, members.counts)))
-        quantizers = members.quantizers
-        kinds = set(map(type, quantizers))  # read each time: a class can be swapped in place (the peer's promotion does)
-        if type(None) in kinds or not all(map(_holds_global_amax_kind, kinds)) or any(map(is_, values, repeat(None))):
-            pairs = [(q, v) for q, v in zip(quantizers, values) if v is not None and q is not None and _holds_global_amax(q)]
-            tie_all_([q for q, _ in pairs], "_global_amax", [v for _, v in pairs])
-            return
-        tie_all_(quantizers, "_global_amax", values, (members.quantizer_buffers, members.quantizer_dicts), kinds)
 
     def finalize(self) -> bool:
         """Set ``global_amax`` to the max over the members' calibrated ``_amax``; return whether set."""
-        (value,) = finalize_values([self])
-        if value is None:
+        (value,) = _Gathered([self]).values.unbind()
+        if not value > UNSET:
             return False
         self.global_amax = value
         return True
@@ -316,11 +283,9 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
         """
         if parallel_state is None:
             return
-        from .distributed import sync_shared_amax
-
         current = self.global_amax
         # An unset rank still takes part (-inf), else the ranks holding a value wait on it.
-        local = torch.full((1,), UNSET, device=member_device(self)) if current is None else current.reshape(1)
+        local = torch.full((1,), UNSET, device=weight_device(self.members)) if current is None else current.reshape(1)
         synced = sync_shared_amax(SharedAmax((self.group,), local), parallel_state).global_amax[0]
         if current is not None:
             current.copy_(synced)  # in place: the members see it
@@ -328,66 +293,109 @@ class SharedWeightGlobalAmaxState(SharedQuantState):
             self.global_amax = synced
 
     @classmethod
-    def _populate_states(cls, batch: StateBatch) -> list[bool]:
-        # All groups at once: one finalize, one collective per process group, then
-        # in-place updates (states already holding a value) or new values, then ties.
-        states, members = batch.states, batch.members
-        values = finalize_tensor(batch)
-        values = sync_by_parallel_state(states, values, first_parallel_states(states, members))
-        assigned = assign(batch, values, "_global_amax")
-        if all(assigned):
-            cls.tie_states(batch)
-            return assigned  # every state holds a new, real value
-        cls.tie_states(StateBatch.of([state for state, ok in zip(states, assigned) if ok]))
-        # SharedQuantState.finalize for the one managed attribute, without its generator per state
-        currents = map(dict.get, batch.state_buffers, repeat("_global_amax"))
-        return [value is not None and not value.is_meta for value in currents]
-
-
-_DICT = attrgetter("__dict__")
-_HOLDS_GLOBAL_AMAX: dict[type, bool] = {}
-
-
-def _holds_global_amax_kind(kind: type) -> bool:
-    """Whether every quantizer of class ``kind`` can hold a global amax."""
-    holds = _HOLDS_GLOBAL_AMAX.get(kind)
-    if holds is None:
-        holds = _HOLDS_GLOBAL_AMAX[kind] = issubclass(kind, TensorQuantizer) or hasattr(kind, "global_amax")
-    return holds
+    def _batches_populate(cls) -> bool:
+        own = SharedWeightGlobalAmaxState
+        return cls.finalize is own.finalize and cls.sync is own.sync and cls.tie_member_quantizer is own.tie_member_quantizer
 
 
 def _holds_global_amax(quantizer: nn.Module) -> bool:
-    """Whether a quantizer can hold a global amax: ours, or one with a ``global_amax`` attribute."""
-    return _holds_global_amax_kind(type(quantizer)) or hasattr(quantizer, "global_amax")
+    """Whether a quantizer can hold a global amax: ours, or one with a ``global_amax`` attribute (the peer's)."""
+    return isinstance(quantizer, TensorQuantizer) or hasattr(quantizer, "global_amax")
 
 
-def _batch_of(model: nn.Module, cls: type[SharedQuantState]) -> StateBatch:
-    """The states of ``cls`` in ``model`` as a batch: the one kept on its index while it holds."""
-    index = holding(model)
-    if index is None:
-        return StateBatch.of(list(iter_shared_quant_states(model, cls)))
-    batch = index.batches.get(cls)
-    if batch is None or not batch.holds():
-        batch = index.batches[cls] = StateBatch.of([state for state in index.states if isinstance(state, cls)])
-    return batch
+class _Gathered:
+    """What populate reads from the members of a list of states, in one loop over them.
+
+    Per state: the members' quantizers and the first ``parallel_state``; over all of
+    them: every ``_amax`` and its group max, through the core's batched kernel.
+    """
+
+    def __init__(self, states: Sequence[SharedQuantState]) -> None:
+        attr = quantizer_attr(states[0].target_quantizer_kind) if states else "weight_quantizer"
+        self.quantizers: list[list[nn.Module]] = []
+        self.parallel_states: list = []
+        amaxes, group_ids, where = [], [], []
+        for position, state in enumerate(states):
+            quantizers = []
+            for index, member in enumerate(state.members):
+                # reads of torch's child and buffer registries: getattr's __getattr__
+                # fallback costs a third of a populate on a 12k-member model
+                quantizer = member._modules.get(attr)
+                if quantizer is None:
+                    continue
+                quantizers.append(quantizer)
+                amax = quantizer._buffers.get("_amax")
+                if amax is not None and not amax.is_meta:
+                    amaxes.append(amax)
+                    group_ids.append(position)
+                    where.append((state, index))
+            self.quantizers.append(quantizers)
+            self.parallel_states.append(first_parallel_state(state.members))
+
+        def describe(i: int) -> str:
+            state, index = where[i]
+            return lifecycle.buffer_key(state.group.members[index], attr, "_amax")
+
+        device = None if amaxes or not states else weight_device(states[0].members)
+        self.values = lifecycle.group_amax(amaxes, group_ids, len(states), describe=describe, device=device)
+
+
+def _populate_batched(states: list[SharedWeightGlobalAmaxState]) -> list[SharedWeightGlobalAmaxState]:
+    """Finalize, sync and tie ``states`` together; return those that now hold a value."""
+    gathered = _Gathered(states)
+    values = sync_by_process_groups([state.group for state in states], gathered.values, gathered.parallel_states)
+    flags = (values > UNSET).tolist()
+    # States that hold a value already are updated in place, in one op: their members stay tied.
+    in_place = [(s.global_amax, v) for s, v, ok in zip(states, values.unbind(), flags) if ok and _updatable(s.global_amax, v)]
+    if in_place:
+        torch._foreach_copy_([current for current, _ in in_place], [value for _, value in in_place])
+    updated = {id(current) for current, _ in in_place}
+    populated = []
+    for state, value, ok, quantizers in zip(states, values.unbind(), flags, gathered.quantizers):
+        if ok and id(state.global_amax) not in updated:
+            state._set_value("_global_amax", value)  # a 0-dim view: all states share one storage
+        current = state.global_amax
+        if current is None or current.is_meta:
+            continue
+        populated.append(state)
+        for quantizer in quantizers:
+            if _holds_global_amax(quantizer):
+                tie_(quantizer, "_global_amax", current)
+    return populated
+
+
+def _updatable(current: torch.Tensor | None, value: torch.Tensor) -> bool:
+    return current is not None and current.dim() == 0 and current.dtype == value.dtype and current.device == value.device
+
+
+def _restored(groups: Sequence[Group], quantizers: Sequence, qattr: str, attr: str) -> list[torch.Tensor | None]:
+    """Each group's value from its members' ``attr`` (``quantizers`` flat, in group order); ``None`` where unset.
+
+    Raises:
+        ValueError: the members of a group disagree (the core names them).
+    """
+    members = (m for group in groups for m in group.members)
+    buffers = {
+        lifecycle.buffer_key(member, qattr, attr): value
+        for member, quantizer in zip(members, quantizers)
+        if quantizer is not None and (value := quantizer._buffers.get(attr)) is not None
+    }
+    values = lifecycle.restore(groups, buffers, quantizer=qattr, attr=attr).global_amax
+    return [value if ok else None for value, ok in zip(values.unbind(), (values > UNSET).tolist())]
 
 
 def iter_shared_quant_states(model: nn.Module, state_cls: type[SharedQuantState] = SharedQuantState) -> Iterator[SharedQuantState]:
     """Yield the shared quant states of class ``state_cls`` owned anywhere in ``model``, in model order."""
-    indexed = indexed_states(model)
-    if indexed is not None:
-        yield from (state for state in indexed if isinstance(state, state_cls))
-        return
-    # A state list is a ModuleList of leaves; only modules with children can own one.
-    # No names are needed here, so this walk skips building them (populate's main cost).
-    seen: set[int] = set()
-    stack = [model._modules]
+    seen: set[int] = set()  # a module reachable by two paths owns its states once
+    stack = [model]
     while stack:
-        children = stack.pop()
-        states = children.get(SHARED_STATES)
+        module = stack.pop()
+        states = state_list(module)
         if states is not None:
-            for state in states._modules.values():
-                if isinstance(state, state_cls) and id(state) not in seen:
-                    seen.add(id(state))
-                    yield state
-        stack += [child._modules for child in reversed(children.values()) if child is not None and child._modules]
+            yield from (state for state in states if isinstance(state, state_cls))
+        # only modules with children can own a state list: leaves (most of a MoE) are not visited
+        children = [c for c in module._modules.values() if c is not None and c._modules and c is not states]
+        for child in reversed(children):
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)

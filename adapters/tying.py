@@ -13,10 +13,7 @@ mutation in ``torch.func.functional_call`` goes through one swap primitive.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import repeat
-from operator import contains, is_, setitem
 
 import torch
 from torch import nn
@@ -40,63 +37,37 @@ def is_tied(quantizer: nn.Module, attr: str, tensor: torch.Tensor | None = None)
 
 
 def tie_(quantizer: nn.Module, attr: str, tensor: torch.Tensor) -> None:
-    """Make ``quantizer._buffers[attr]`` be ``tensor`` itself and guard the name.
+    """Make ``quantizer._buffers[attr]`` be ``tensor`` itself and guard the name (idempotent).
 
     The buffer stays persistent: a member's tied value is what its checkpoint
     entry holds (cloned on the way out, see ``clone_tied_entries``).
     """
-    if attr in quantizer._buffers:
-        quantizer._buffers[attr] = tensor
-    else:
-        quantizer.register_buffer(attr, tensor)
+    if quantizer._buffers.get(attr) is not tensor:
+        _set_buffer_(quantizer, attr, tensor)
     quantizer.__dict__.setdefault(TIED_ATTRS, set()).add(attr)
+    # checked on every tie, not only the first: a class can be swapped in place (the peer's promotion does)
     _clone_on_save_(quantizer)
+
+
+def _set_buffer_(module: nn.Module, attr: str, tensor: torch.Tensor) -> None:
+    """Register ``tensor`` as ``attr``, keeping the buffer's persistence (a new one is persistent).
+
+    Through ``register_buffer``, not setattr: a tied name is guarded against setattr.
+    """
+    module.register_buffer(attr, tensor, persistent=attr not in module._non_persistent_buffers_set)
 
 
 def _clone_on_save_(quantizer: nn.Module) -> None:
     """Give a tied quantizer whose class does not clone its tied entries the clone as a state-dict hook (once)."""
-    if not _clones_tied_entries(type(quantizer)) and not quantizer.__dict__.get(_HOOKED):
+    if not getattr(type(quantizer), "clones_tied_entries", False) and not quantizer.__dict__.get(_HOOKED):
         quantizer.register_state_dict_post_hook(_clone_tied_hook)
         quantizer.__dict__[_HOOKED] = True
 
 
-def _clones_tied_entries(kind: type) -> bool:
-    """Whether quantizers of class ``kind`` clone their tied entries in their own ``state_dict``."""
-    return getattr(kind, "clones_tied_entries", False)
-
-
-def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch.Tensor], dicts=None, kinds=None) -> None:
-    """``tie_`` each quantizer to its tensor; those already tied to it are left as they are.
-
-    populate and restore tie every member of every group (12k on a 48-layer MoE), most
-    of them already tied on a second populate. ``dicts``, when given, holds the
-    quantizers' ``_buffers`` and ``__dict__`` (a ``StateBatch`` gathers them once), and
-    ``kinds`` their classes as the caller read them in this call. The ties, and the
-    state-dict clone hooks of classes that need one, are then checked in C-level passes
-    over those dicts, each link to them a cache miss saved; when every class clones its
-    own tied entries and every quantizer already has ``attr`` as a buffer, the ties are
-    made in such passes too.
-    """
-    if dicts is not None:
-        buffers, instance_dicts = dicts
-        kinds = set(map(type, quantizers)) if kinds is None else kinds
-        cloning = all(map(_clones_tied_entries, kinds))
-        if (
-            all(map(is_, map(dict.get, buffers, repeat(attr)), tensors))
-            and all(map(contains, map(dict.get, instance_dicts, repeat(TIED_ATTRS), repeat(())), repeat(attr)))
-            and (cloning or all(map(dict.get, instance_dicts, repeat(_HOOKED), repeat(False))))
-        ):
-            return  # every tie holds, saved cleanly (a second populate): what the loop below would find
-        if cloning and all(map(contains, buffers, repeat(attr))):
-            deque(map(setitem, buffers, repeat(attr), tensors), maxlen=0)
-            markers = map(dict.setdefault, instance_dicts, repeat(TIED_ATTRS), map(set, repeat((), len(instance_dicts))))
-            deque(map(set.add, markers, repeat(attr)), maxlen=0)
-            return
+def tie_all_(quantizers: Sequence[nn.Module], attr: str, tensors: Sequence[torch.Tensor]) -> None:
+    """``tie_`` each quantizer to its tensor."""
     for quantizer, tensor in zip(quantizers, tensors):
-        if is_tied(quantizer, attr, tensor):
-            _clone_on_save_(quantizer)  # its class may have been swapped in place since it was tied
-        else:
-            tie_(quantizer, attr, tensor)
+        tie_(quantizer, attr, tensor)
 
 
 def untie_(quantizer: nn.Module, attr: str) -> None:
@@ -107,7 +78,7 @@ def untie_(quantizer: nn.Module, attr: str) -> None:
     tied.discard(attr)
     value = quantizer._buffers.get(attr)
     if value is not None:
-        quantizer._buffers[attr] = value.detach().clone()
+        _set_buffer_(quantizer, attr, value.detach().clone())
 
 
 def clone_tied_entries(quantizer: nn.Module, state_dict: dict, prefix: str) -> None:
@@ -139,4 +110,4 @@ def keep_fp32_(module: nn.Module, before: Mapping[str, torch.Tensor | None], att
         old, new = before.get(attr), module._buffers.get(attr)
         if old is None or new is None or new.dtype == old.dtype:
             continue
-        module._buffers[attr] = old if new.device == old.device else old.to(device=new.device)
+        _set_buffer_(module, attr, old if new.device == old.device else old.to(device=new.device))

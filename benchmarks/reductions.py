@@ -79,7 +79,7 @@ def run(
         counts = [rounds, rounds, rounds if peer else 0]
         for (fn, _), count in zip(sides, counts):
             if count:
-                fn()  # untimed: our CPU kernel compiles on its first call in a process (once per dtype)
+                fn()  # untimed: warms the allocator and the thread pool
         amax, ours, theirs = best_of_each(sides, counts, sync=sync, collect=not sync)
         out.append(Row(case, tensor.numel() * tensor.element_size(), ours, amax, theirs))
     out.append(_float8_row(fp8_elements, rounds, device, peer is not None, isolate))

@@ -26,7 +26,7 @@ from .models import Size, peer_available
 
 HERE = Path(__file__).resolve().parent
 FULL_SIZES = [Size(4, 128), Size(48, 128), Size(48, 512)]  # 1,036 / 12,432 / 49,296 members
-QUICK_SIZES = [Size(1, 2), Size(2, 4)]
+QUICK_SIZES = [Size(1, 2)]  # checks that every row runs: one tiny size is enough
 # On a GPU the issue's target is the 12k-member model; the 5e4 size (linearity) is shown
 # by the CPU run, and with the peer beside it would not fit a device lease of 15 minutes.
 GPU_SIZES = FULL_SIZES[:2]
@@ -115,6 +115,12 @@ def _plot(rows: list[lifecycle.Row], path: Path) -> None:
     plt.close(fig)
 
 
+def _history() -> list[str]:
+    """The hand-kept notes on earlier runs, hosts and options not taken (``HISTORY.md``), as RESULTS.md's tail."""
+    path = HERE / "HISTORY.md"
+    return path.read_text().splitlines() if path.exists() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that every row runs")
@@ -137,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     with_peer = not args.no_peer
     steps = lifecycle.run(sizes, repeats=repeats, device=device, with_peer=with_peer)
     reduce_rows = reductions.run(
-        elements, fp8_elements, repeats=max(repeats, 3), device=device, with_peer=with_peer, isolate=not args.quick
+        elements, fp8_elements, repeats=repeats if args.quick else max(repeats, 3), device=device,
+        with_peer=with_peer, isolate=not args.quick,
     )
     nvfp4_size = 256 if args.quick else 4096
-    nvfp4_rows = nvfp4_speed.run(nvfp4_size, nvfp4_size, repeats=max(repeats, 3), device=device, with_peer=with_peer)
+    nvfp4_repeats = repeats if args.quick else max(repeats, 3)
+    nvfp4_rows = nvfp4_speed.run(nvfp4_size, nvfp4_size, repeats=nvfp4_repeats, device=device, with_peer=with_peer)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = args.out.with_suffix(".png")
     _plot(steps, plot)
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "Written by `make bench` (`python -m benchmarks.run`). Each row is timed on both sides in the same",
         "process, the sides (and, for fp32/bf16 reduce_amax, one plain `torch.amax`) taking turns round by",
         "round; the float8 row runs each side in a fresh process, for its memory figure. Each reduce_amax",
-        "side runs once untimed first (our CPU kernel compiles on its first call). Best of N wall",
+        "side runs once untimed first (allocator and thread pool warm-up). Best of N wall",
         "times, garbage collector paused during the timed call. Compare ratios.",
         "",
         "## Shared-state lifecycle",
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *nvfp4_speed.table(nvfp4_rows),
         "",
+        *_history(),
     ]
     args.out.write_text("\n".join(text))
     print("\n".join(text))

@@ -5,24 +5,21 @@ and ``reduce_sum`` keep the seed's semantics (``axis=None`` gives a 0-dim result
 whatever ``keepdims`` says; ``squeeze_scalar`` squeezes a one-element result of an
 axis reduction) and close three gaps of the peer:
 
-* floating inputs are read in ONE pass: torch's inf-norm kernel on CUDA, a compiled
-  C loop over the magnitudes' bits on the CPU (``core/cpu_amax.py``), a fused
-  ``abs().amax()`` under ``torch.compile`` and ``torch.func``. What the loop does not
-  take on the CPU (under 4 Ki elements, over leading dimensions, non-contiguous, or
-  where no C compiler is found) is ``aminmax`` when reduced whole, else a max pass and
-  a min pass: torch has no vectorized one-pass kernel for it;
-* float8 inputs are reduced over their bytes (the same C loop on the CPU, a Triton
-  kernel on CUDA, else torch ops in bounded chunks), without ever materialising a
+* floating inputs are reduced without an ``abs()`` copy: torch's inf-norm kernel on
+  CUDA (the abs fused into its one read); on the CPU, where that kernel is scalar,
+  ``aminmax`` over a whole tensor (one vectorized read) and a max pass plus a min
+  pass over some dimensions (``aminmax`` over a dimension is scalar there); a fused
+  ``abs().amax()`` under ``torch.compile`` and ``torch.func``;
+* float8 inputs are reduced over their bytes (a Triton kernel on CUDA behind
+  ``has_triton()``, else torch ops in bounded chunks), without ever materialising a
   wider copy (the peer upcasts the whole tensor to fp32 first);
 * signed integer inputs give the true magnitude in int64 (``abs(int8(-128))``
   overflows to -128 in the input's own dtype).
-
-On CUDA, a whole float8 tensor of 1M elements or more is read by one Triton kernel
-(``core/triton_amax.py``) where triton is installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
@@ -30,10 +27,9 @@ from itertools import accumulate
 
 import torch
 
-from . import cpu_amax
-
 __all__ = [
     "convert_quantization_axis_to_reduce_axis",
+    "has_triton",
     "reduce_amax",
     "reduce_amax_many",
     "reduce_block_amax",
@@ -114,12 +110,17 @@ def _magnitude(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None =
     return masked
 
 
+def has_triton() -> bool:
+    """Whether triton is installed (found without importing it: its import takes a second)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_kernels(tensor: torch.Tensor, axis: tuple[int, ...] | None):
-    """``core.triton_amax`` if its kernel takes this reduction, else ``None``.
+    """``core.triton_amax`` if its kernel takes this reduction, else ``None``: the one gate on triton.
 
     It takes CUDA, untraced tensors of at least ``_TRITON_MIN_ELEMENTS`` in a layout it covers.
     """
-    if not tensor.is_cuda or is_traced(tensor) or tensor.numel() < _TRITON_MIN_ELEMENTS:
+    if not tensor.is_cuda or is_traced(tensor) or tensor.numel() < _TRITON_MIN_ELEMENTS or not has_triton():
         return None
     from . import triton_amax  # imports triton on the first CUDA reduction only
 
@@ -134,8 +135,6 @@ def _float8_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Te
         reduced = _magnitude(magnitude, dtype).amax(dim=axis, keepdim=True)
     elif (kernels := _triton_kernels(tensor, axis)) is not None:
         reduced = kernels.magnitude_max(tensor)
-    elif cpu_amax.available(tensor, axis) and (bits := cpu_amax.abs_max(tensor, axis)) is not None:
-        reduced = bits
     elif axis is None or len(axis) == tensor.dim():
         flat = magnitude.reshape(-1)
         scratch = torch.empty(min(flat.numel(), _FLOAT8_CHUNK), dtype=torch.uint8, device=flat.device)
@@ -183,13 +182,12 @@ def _float_amax(tensor: torch.Tensor, axis: tuple[int, ...] | None) -> torch.Ten
         # (NaN propagates): 0.96x to 1.01x of a plain amax on an H100. On the CPU it
         # is not vectorized: 13x slower than amax over 256 MiB of fp32.
         return torch.linalg.vector_norm(tensor, math.inf, dim=dims, keepdim=True)
-    if cpu_amax.available(tensor, axis) and (result := cpu_amax.abs_max(tensor, axis)) is not None:
-        return result
     if len(dims) == tensor.dim():
+        # one vectorized read, NaN propagating; no |x| copy as large as the input
         low, high = torch.aminmax(tensor)
         return torch.maximum(high.abs(), low.abs()).reshape([1] * tensor.dim())
-    # What cpu_amax does not take, or where it cannot build: CPU aminmax over a dimension is
-    # not vectorized (10x slower than amax), so the partial reductions are two vectorized passes.
+    # CPU aminmax over a dimension is not vectorized (10x slower than amax), so the
+    # partial reductions are two vectorized passes, still without an |x| copy.
     return torch.maximum(tensor.amax(dim=dims, keepdim=True).abs(), tensor.amin(dim=dims, keepdim=True).abs())
 
 

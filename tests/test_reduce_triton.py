@@ -28,6 +28,9 @@ kernels = pytest.mark.skipif(
     reason="needs triton and CUDA, or triton's interpreter",
 )
 FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+# The interpreter runs a launch in about 10 ms: every byte alone is 2,048 launches, so under it
+# the zeros, the sign bit, the NaN and inf codes and a stride through the rest, in every lane.
+INTERPRETED_BYTES = sorted({0x00, 0x01, 0x7B, 0x7C, 0x7E, 0x7F, 0x80, 0x81, 0xFB, 0xFC, 0xFE, 0xFF, *range(2, 256, 23)})
 NAN_BYTES = {  # a NaN code of each format (fnuz: the only one)
     torch.float8_e4m3fn: 0xFF,
     torch.float8_e5m2: 0x7E,
@@ -72,7 +75,7 @@ def spans(request, monkeypatch):
 def test_float8_every_byte_present_or_absent(dtype):
     every = torch.randperm(256, dtype=torch.int64).tolist()
     assert_float8_matches_byte_path(float8_bytes(every, dtype))
-    for value in range(256):
+    for value in range(256) if not INTERPRETED else INTERPRETED_BYTES:
         # ``value`` alone among zeros, in each byte lane of a word
         assert_float8_matches_byte_path(float8_bytes([0] * (value % 4) + [value] + [0] * (7 - value % 4), dtype))
         # every byte but ``value`` (its slot holds 0x00, positive zero in all four formats)
@@ -169,4 +172,4 @@ def test_kernels_under_the_triton_interpreter():
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
     summary = done.stdout.strip().splitlines()[-1]
-    assert int(re.search(r"(\d+) passed", summary).group(1)) >= 38, summary
+    assert int(re.search(r"(\d+) passed", summary).group(1)) >= 38, summary  # all but the CUDA-only ones

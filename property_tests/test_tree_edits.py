@@ -1,13 +1,11 @@
 """Whatever is done to a model's tree after attach, populate sees exactly the states in it.
 
-``populate`` and ``iter_shared_quant_states`` take the states from the index attach
-leaves on the root while it holds, and walk the model otherwise. Random sequences of
-tree edits (attach at the root or a layer, delete, insert a layer holding states with
-a raw ``_modules`` write, replace, drop a state list, deep copies kept alive, garbage
-collection) must never make them differ from ``nn.Module.modules()``, in order, and
-populate must count exactly the states in the model. Member edits, which leave the
-index holding (a quantizer replaced, a state's members set, a layer recalibrated),
-must never leave populate tying what the batch it keeps on the index gathered before.
+Random sequences of tree edits (attach at the root or a layer, delete, insert a layer
+holding states with a raw ``_modules`` write, replace, drop a state list, deep copies
+kept alive, garbage collection) must never make ``iter_shared_quant_states`` differ
+from ``nn.Module.modules()``, in order, and populate must count exactly the states in
+the model. Member edits (a quantizer replaced, a state's members set, a layer
+recalibrated) must leave populate tying what each state names now.
 """
 
 from __future__ import annotations

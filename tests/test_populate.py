@@ -1,9 +1,8 @@
-"""Examples for the batch populate keeps on the state index: reused only while it still names the model.
+"""Examples for populate on a model that changed since attach: it ties what the model holds now.
 
-``populate`` (or ``restore``) gathers every member's quantizer and the dicts populate
-reads and writes, and the next ``populate`` uses them again. Whatever changes between calls (a quantizer
-replaced, a state's members set, a ``parallel_state`` assigned, a quantizer class
-swapped, the model copied) must give the same ties a fresh gather would.
+Whatever changes between calls (a quantizer replaced, a state's members set, a
+``parallel_state`` assigned, a quantizer class swapped, the model copied) must give
+the ties a fresh attach and populate would.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from sharedquant.adapters import QuantLinear, SharedWeightGlobalAmaxState, TensorQuantizer, replace_quant_module
-from sharedquant.adapters import shared_state, state_index
+from sharedquant.adapters import QuantLinear, SharedWeightGlobalAmaxState, TensorQuantizer, replace_quant_module, shared_state
 from sharedquant.adapters.distributed import ParallelState
 from sharedquant.adapters.models import tiny_mixtral
 from sharedquant.adapters.tying import TIED_ATTRS, is_tied, untie_
@@ -43,32 +41,6 @@ def assert_every_member_tied(model: nn.Module) -> None:
         assert state.global_amax == expected
         for member in state.members:
             assert is_tied(member.weight_quantizer, "_global_amax", state.global_amax)
-
-
-def assert_next_populate_uses_the_kept_batch(model: nn.Module, projection: str, amax: float) -> None:
-    """The batch kept on the index names the model's states and quantizers, and the next populate uses it as it is."""
-    batch = state_index.holding(model).batches[State]
-    assert batch.states == states_of(model)
-    assert batch.members.quantizers == [m.weight_quantizer for s in states_of(model) for m in s.members]
-    attention = model.model.layers[0].self_attn
-    with torch.no_grad():
-        getattr(attention, projection).weight_quantizer._amax.fill_(amax)
-    State.populate(model)
-    assert state_index.holding(model).batches[State] is batch  # used as it was, not gathered again
-    assert_every_member_tied(model)
-    assert attention._shared_quant_states[0].global_amax == amax
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_states():
-    gc.collect()  # states of earlier tests count as alive until collected
-
-
-def test_populate_keeps_its_batch_and_uses_it_again():
-    model = calibrated()
-    State.attach(model)
-    State.populate(model)
-    assert_next_populate_uses_the_kept_batch(model, "q_proj", 30.0)
 
 
 @pytest.mark.parametrize("populated_first", [False, True])
@@ -103,11 +75,11 @@ def test_a_parallel_state_assigned_after_attach_reaches_the_sync(monkeypatch):
     State.populate(model)
     seen = []
 
-    def recording(states, values, parallel_states):
+    def recording(groups, values, parallel_states):
         seen.append(list(parallel_states))
         return values
 
-    monkeypatch.setattr(shared_state, "sync_by_parallel_state", recording)
+    monkeypatch.setattr(shared_state, "sync_by_process_groups", recording)
     parallel = ParallelState()
     model.model.layers[1].block_sparse_moe.experts[2].w3.parallel_state = parallel
     State.populate(model)
@@ -168,24 +140,9 @@ def test_a_copy_outliving_its_original_ties_its_own_quantizers(copy_kind):
         twin = torch.load(buffer, weights_only=False)
     del model
     gc.collect()
-    assert state_index.holding(twin) is not None  # the copy's index holds once the original is gone
-    assert not state_index.holding(twin).batches  # a copied batch would name the original's dicts
     for module in twin.modules():
         if isinstance(module, QuantLinear):
             module.weight_quantizer.__dict__.pop(TIED_ATTRS, None)
             module.weight_quantizer._buffers["_global_amax"] = None
     State.populate(twin)
     assert_every_member_tied(twin)
-
-
-def test_restore_leaves_the_batch_of_the_states_it_attached():
-    source = calibrated()
-    State.attach(source)
-    State.populate(source)
-    saved = source.state_dict()
-    del source
-    gc.collect()  # the index holds only while every live state is in it
-    fresh = replace_quant_module(tiny_mixtral(seed=1, num_layers=2, num_experts=3))
-    fresh.load_state_dict(saved)
-    State.restore(fresh)
-    assert_next_populate_uses_the_kept_batch(fresh, "v_proj", 50.0)
