@@ -29,8 +29,9 @@ from tqdm import tqdm
 from sharedquant.core.formats import DEFAULT_PATTERNS
 from sharedquant.core.groups import compile_patterns
 
-from .checkpoint import Reconciliation, inspect_checkpoint, reconcile_checkpoint
+from .checkpoint import inspect_checkpoint
 from .convert import conversion_lines, convert_checkpoint
+from .rewrite import Reconciliation, reconcile_checkpoint
 from .report import exceeding, format_summary, format_table, inspection_json, summary_line
 
 __all__ = ["format_table", "inspection_json", "main", "summary_line"]  # the walkthrough notebook imports these here

@@ -27,10 +27,11 @@ from sharedquant.core.nvfp4 import E2M1_MAX, E4M3_MAX, nvfp4_dequantize, nvfp4_q
 from sharedquant.core.reconcile import dequantize_without_rescaling
 from sharedquant.core.reduce import reduce_amax
 
-from .checkpoint import inspect_checkpoint, reconcile_checkpoint
+from .checkpoint import inspect_checkpoint
 from .demo_fp8 import codes_unlike_vllm, fp8_member_errors, quantize_unshared_fp8
 from .models import tiny_llama, tiny_mixtral
 from .report import format_table
+from .rewrite import reconcile_checkpoint
 
 __all__ = ["member_errors", "quantize_unshared", "run_demo", "skew_siblings_"]
 

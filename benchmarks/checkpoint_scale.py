@@ -187,7 +187,7 @@ def main() -> None:
               f"({cold / cold_base:.2f}x); warm (median of 21) {warm * 1e3:.1f} ms vs {warm_base * 1e3:.1f} ms "
               f"({warm / warm_base:.2f}x)")  # fmt: skip
         _, idle = child_peak_rss("import sharedquant.adapters.checkpoint")
-        code = "from sharedquant.adapters.checkpoint import reconcile_checkpoint as r\n"
+        code = "from sharedquant.adapters.rewrite import reconcile_checkpoint as r\n"
         code += f"r({str(source)!r}, {str(out)!r})"
         seconds, peak = child_peak_rss(code)
         start = time.perf_counter()

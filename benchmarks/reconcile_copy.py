@@ -37,7 +37,7 @@ copying.Copier.__init__ = serial
 
 
 def reconcile_code(source: Path, out: Path, serial: bool) -> str:
-    call = f"from sharedquant.adapters.checkpoint import reconcile_checkpoint\nreconcile_checkpoint({str(source)!r}, {str(out)!r})\n"
+    call = f"from sharedquant.adapters.rewrite import reconcile_checkpoint\nreconcile_checkpoint({str(source)!r}, {str(out)!r})\n"
     return (SERIAL if serial else "") + call
 
 

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from sharedquant.adapters.checkpoint import INDEX, CheckpointError, inspect_checkpoint, reconcile_checkpoint
+from sharedquant.adapters.checkpoint import INDEX, CheckpointError, inspect_checkpoint
+from sharedquant.adapters.rewrite import reconcile_checkpoint
 from sharedquant.adapters.demo import quantize_unshared, skew_siblings_
 from sharedquant.adapters.models import tiny_llama
 

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sharedquant.adapters import checkpoint as ckpt
-from sharedquant.adapters.checkpoint import CheckpointError, inspect_checkpoint, open_checkpoint, reconcile_checkpoint
+from sharedquant.adapters.checkpoint import CheckpointError, inspect_checkpoint, open_checkpoint
+from sharedquant.adapters.rewrite import reconcile_checkpoint
 from sharedquant.core import reconcile as core_reconcile
 from sharedquant.core.nvfp4 import nvfp4_dequantize, nvfp4_fake_quant, nvfp4_quantize
 from sharedquant.core.reconcile import dequantize_without_rescaling

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sharedquant.adapters import checkpoint as ckpt
+from sharedquant.adapters import rewrite
 from sharedquant.adapters import staging
 from sharedquant.adapters.cli import main
 from sharedquant.adapters.demo import quantize_unshared, skew_siblings_
@@ -367,13 +368,13 @@ def watch_force_reconcile(source: Path, out: Path, monkeypatch) -> tuple[dict, d
     """
     shutil.copytree(source, out)  # the "old output": any complete directory that differs from both
     (out / "stale.txt").write_text("the previous run's output")
-    patch = ckpt._Writer.patch
+    patch = rewrite._Writer.patch
 
     def slow_patch(self, key, tensor):
         time.sleep(0.01)
         patch(self, key, tensor)
 
-    monkeypatch.setattr(ckpt._Writer, "patch", slow_patch)
+    monkeypatch.setattr(rewrite._Writer, "patch", slow_patch)
     old, seen, done, looking = tree(out), [], threading.Event(), threading.Event()
 
     def watcher():
@@ -386,7 +387,7 @@ def watch_force_reconcile(source: Path, out: Path, monkeypatch) -> tuple[dict, d
     thread.start()
     looking.wait(10)  # a fast reconcile could otherwise finish before the watcher's first look
     try:
-        ckpt.reconcile_checkpoint(source, out, force=True)
+        rewrite.reconcile_checkpoint(source, out, force=True)
     finally:
         done.set()
         thread.join()

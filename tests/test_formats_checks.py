@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sharedquant.adapters.checkpoint import inspect_checkpoint, reconcile_checkpoint
+from sharedquant.adapters.checkpoint import inspect_checkpoint
+from sharedquant.adapters.rewrite import reconcile_checkpoint
 from sharedquant.adapters.cli import format_table, main
 from sharedquant.adapters.demo import quantize_unshared, skew_siblings_
 from sharedquant.adapters.models import tiny_llama

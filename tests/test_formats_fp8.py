@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sharedquant.adapters.checkpoint import inspect_checkpoint, reconcile_checkpoint
+from sharedquant.adapters.checkpoint import inspect_checkpoint
+from sharedquant.adapters.rewrite import reconcile_checkpoint
 from sharedquant.adapters.cli import main
 from sharedquant.core.fp8 import fp8_requantize, int8_requantize, round_to_e4m3
 

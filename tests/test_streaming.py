@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from sharedquant.adapters import checkpoint as ckpt
 from sharedquant.adapters import copying
-from sharedquant.adapters.checkpoint import inspect_checkpoint, reconcile_checkpoint, resolve_device
+from sharedquant.adapters.checkpoint import inspect_checkpoint
+from sharedquant.adapters.rewrite import reconcile_checkpoint, resolve_device
 from sharedquant.adapters.cli import ByteBar, main
 from sharedquant.core import reconcile
 
