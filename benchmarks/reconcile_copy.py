@@ -72,6 +72,26 @@ def row(root: Path, gib: float, serial: bool) -> str:
     )
 
 
+HEADER = [
+    "| checkpoint | cp -r (warm, median of 3) | reconcile | ratio | copies first, then requantize "
+    "| reconcile peak RSS over import |",
+    "|---|---|---|---|---|---|",
+]
+
+
+def table(gibs: list[float], serial_gibs: list[float], directory: Path | None = None) -> list[str]:
+    """The markdown table for these sizes; everything built lies in a temporary directory, deleted after."""
+    root = Path(tempfile.mkdtemp(prefix="sharedquant-reconcile-", dir=directory))
+    lines = list(HEADER)
+    try:
+        for gib in gibs:
+            lines.append(row(root, gib, gib in serial_gibs))
+            print(lines[-1], flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, nargs="+", default=[0.5, 2.0])
@@ -79,16 +99,7 @@ def main() -> None:
                         "copies-first variant (default: the smallest)")  # fmt: skip
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="sharedquant-reconcile-", dir=args.dir))
-    print("| checkpoint | cp -r (warm, median of 3) | reconcile | ratio | copies first, then requantize "
-          "| reconcile peak RSS over import |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    try:
-        for gib in args.gib:
-            serial = gib in (args.serial_gib if args.serial_gib is not None else [min(args.gib)])
-            print(row(root, gib, serial), flush=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    table(args.gib, args.serial_gib if args.serial_gib is not None else [min(args.gib)], args.dir)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import lifecycle, nvfp4_speed, reductions
+from . import lifecycle, nvfp4_speed, reconcile_copy, reductions
 from .models import Size, peer_available
 
 HERE = Path(__file__).resolve().parent
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that every row runs")
     parser.add_argument("--gpu", action="store_true", help="run the rows on CUDA")
     parser.add_argument("--no-peer", action="store_true", help="leave the peer's columns empty")
+    parser.add_argument("--checkpoint-gib", type=float, nargs="*", default=[0.5, 2.0], metavar="GIB",
+                        help="checkpoint sizes for reconcile beside cp -r (CPU only; default 0.5 2; none: skip)")
     parser.add_argument("--out", type=Path, help="where to write the results (default: RESULTS.md, --gpu: RESULTS_GPU.md)")
     args = parser.parse_args(argv)
     if args.out is None:
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     nvfp4_size = 256 if args.quick else 4096
     nvfp4_repeats = repeats if args.quick else max(repeats, 3)
     nvfp4_rows = nvfp4_speed.run(nvfp4_size, nvfp4_size, repeats=nvfp4_repeats, device=device, with_peer=with_peer)
+    checkpoint_gibs = [] if args.quick or args.gpu else args.checkpoint_gib
+    reconcile_rows = reconcile_copy.table(checkpoint_gibs, checkpoint_gibs[:1]) if checkpoint_gibs else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = args.out.with_suffix(".png")
     _plot(steps, plot)
@@ -177,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *nvfp4_speed.table(nvfp4_rows),
         "",
+        *(["## reconcile beside cp -r", "", reconcile_copy.__doc__.split("\n\n")[1].replace("\n", " "), "",
+           *reconcile_rows, ""] if reconcile_rows else []),
         *_history(),
     ]
     args.out.write_text("\n".join(text))
