@@ -15,7 +15,6 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["Copier", "Meter", "copy_file", "tree_size"]
@@ -79,26 +78,56 @@ def _copy_entry(source: Path, target: Path, meter: Meter, stop: threading.Event)
 
 
 class Copier:
-    """Copies files into a directory, in order, in one background thread; ``wait(name)`` blocks on one of them."""
+    """Copies entries into a directory, in order, in one background thread; ``wait(name)`` blocks on one.
+
+    The thread is this object's own (no pool), so that ``cancel`` can always join it: a
+    signal that lands while the thread starts must not leave a copy running after the
+    staging directory is removed.
+    """
 
     def __init__(self, entries: Sequence[Path], target: Path, meter: Meter) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sharedquant-copy")
         self._stop = threading.Event()
-        self._copies: dict[str, Future] = {}
+        self._done = {entry.name: threading.Event() for entry in entries}
+        self._errors: dict[str, BaseException] = {}
+        self._thread = threading.Thread(
+            target=self._run, args=(list(entries), target, meter), name="sharedquant-copy", daemon=True
+        )
+        try:
+            self._thread.start()
+        except BaseException:  # e.g. Ctrl-C while the thread starts: it must not outlive the constructor
+            self.cancel()
+            raise
+
+    def _run(self, entries: list[Path], target: Path, meter: Meter) -> None:
         for entry in entries:
-            self._copies[entry.name] = self._pool.submit(_copy_entry, entry, target / entry.name, meter, self._stop)
+            try:
+                if not self._stop.is_set():  # checked before any file is created
+                    _copy_entry(entry, target / entry.name, meter, self._stop)
+            except BaseException as err:  # handed to whoever waits on this entry
+                self._errors[entry.name] = err
+            finally:
+                self._done[entry.name].set()
 
     def wait(self, name: str) -> None:
         """Return once ``name`` (a path relative to the target, e.g. a nested shard) is copied; re-raises its error."""
-        self._copies[Path(name).parts[0]].result()
+        entry = Path(name).parts[0]
+        self._done[entry].wait()
+        if entry in self._errors:
+            raise self._errors[entry]
 
     def finish(self) -> None:
-        """Wait for every copy; re-raises the first copy's error."""
-        self._pool.shutdown(wait=True)
-        for copy in self._copies.values():
-            copy.result()
+        """Wait for every copy; re-raises the first entry's error."""
+        self._thread.join()
+        for entry in self._done:
+            if entry in self._errors:
+                raise self._errors[entry]
 
     def cancel(self) -> None:
-        """On the way out of a failure: drop the copies not started, stop the one running at its next chunk."""
+        """On the way out of a failure: the running copy stops at its next chunk, the rest never start.
+
+        ``stop`` is set before the thread is looked at: a thread with no ident yet has not begun
+        ``_run``, and will find ``stop`` set before it creates a file.
+        """
         self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._thread.ident is not None:
+            self._thread.join()

@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .copying import Copier, Meter, tree_size
 from .sources import is_remote
+from .staging import signals_deferred
 
 __all__ = ["Reconciliation", "reconcile_checkpoint", "resolve_device"]
 
@@ -261,8 +262,10 @@ def _write(checkpoint: Checkpoint, result: Reconciliation, staging: Path, patter
     inputs = _inputs(checkpoint)
     changed = sum(_member_bytes(checkpoint, report.format, fqn) for _, report, fqn in _jobs(checkpoint, result.inspection))
     meter = Meter(progress, sum(tree_size(entry) for entry in inputs) + changed)
-    copier = Copier(inputs, staging, meter)
+    copier = None
     try:
+        with signals_deferred():  # a Ctrl-C is raised once ``copier`` is set, so the except below stops it
+            copier = Copier(inputs, staging, meter)
         writer = _Writer(checkpoint, staging, copier)
         _apply(checkpoint, result, writer, meter, device)
         copier.finish()
@@ -272,5 +275,6 @@ def _write(checkpoint: Checkpoint, result: Reconciliation, staging: Path, patter
         if not _inspect(_open(target), patterns).consistent:
             raise RuntimeError(f"reconcile: the written copy of {checkpoint.path} still has mismatched groups")
     except BaseException:
-        copier.cancel()  # staged_output removes the staging directory
+        if copier is not None:
+            copier.cancel()  # staged_output removes the staging directory once the copy thread has stopped
         raise

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["MARKER", "is_staging", "move_into_place", "remove_stale", "staging_directory"]
+__all__ = ["MARKER", "is_staging", "move_into_place", "remove_stale", "signals_deferred", "staging_directory"]
 
 MARKER = ".sharedquant-staging.json"
 _SUFFIXES = (".partial", ".old")
@@ -75,7 +75,7 @@ def remove_stale(out: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM held back inside: a directory is never made without its marker."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, and no SIGTERM to hold
         yield
@@ -105,14 +105,14 @@ def staging_directory(out: Path, mode_from: Path) -> Iterator[Path]:
     remove_stale(out)
     staging = None
     try:
-        with _signals_deferred():  # a signal is raised on the way out, once ``staging`` is set
+        with signals_deferred():  # a signal is raised on the way out, once ``staging`` is set
             staging = _make(out, ".partial")
         shutil.copymode(mode_from, staging)
         yield staging
     finally:
         # BaseException included: KeyboardInterrupt and the CLI's SIGTERM exception land here;
         # a signal during the removal waits for its end
-        with _signals_deferred():
+        with signals_deferred():
             if staging is not None and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
@@ -127,7 +127,7 @@ def move_into_place(staging: Path, out: Path) -> None:
     """
     aside = None
     try:
-        with _signals_deferred():
+        with signals_deferred():
             (staging / MARKER).unlink()
             if out.exists() or out.is_symlink():
                 aside = _make(out, ".old")
