@@ -146,3 +146,12 @@ def test_inspect_reads_the_per_tensor_scales_and_no_weight(name, monkeypatch):
     fmt = inspection.format
     assert read and all(key.endswith((f".{fmt.scale}", f".{fmt.input_scale}")) for key in read)
     assert not any(key.endswith(f".{fmt.packed}") for key in read)
+
+
+def test_a_format_without_its_own_claims_takes_a_module_with_every_required_role_in_allowed_dtypes():
+    from sharedquant.core.formats.base import Format
+
+    fmt = Format(name="plain", scale="weight_scale", packed="weight")
+    assert fmt.claims({"weight": None, "weight_scale": ("F32", ())}, None)
+    assert not fmt.claims({"weight": None}, None)  # the per-tensor scale is required
+    assert not fmt.claims({"weight": None, "weight_scale": ("I32", ())}, None)  # a scale is a float

@@ -92,8 +92,21 @@ class Format:
         return {"scale": FLOATS, "input_scale": FLOATS, "fallback": FLOATS}
 
     def claims(self, entries: Mapping[str, tuple[str, tuple[int, ...]] | None], family: str | None) -> bool:
-        """Whether a module holding these suffixes (-> header dtype and shape, or ``None``) is of this format."""
-        raise NotImplementedError
+        """Whether a module holding these suffixes (-> header dtype and shape, or ``None``) is of this format.
+
+        By default: every required role is present, in a dtype its role allows where the
+        header says. Formats that share key names with another narrow this (by dtype or
+        ``family``); formats that must claim incomplete members, to refuse them by name, widen it.
+        """
+        allowed = self.dtypes()
+        for role in self.required:
+            suffix = getattr(self, role)
+            if suffix not in entries:
+                return False
+            meta, dtypes = entries[suffix], allowed.get(role)
+            if meta is not None and dtypes is not None and meta[0] not in dtypes:
+                return False
+        return True
 
     def shared(self, values: Sequence[float]) -> float:
         """The coarsest of ``values``: the largest, or the smallest for reciprocal scales."""
